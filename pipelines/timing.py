@@ -1,0 +1,46 @@
+"""Wall-clock timing for benchmarks (never for unit tests).
+
+Each candidate is warmed up, then the candidates are timed in interleaved rounds so that a slow
+phase of the machine affects all of them alike; the median of the rounds is reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compare_times(
+    candidates: Mapping[str, Callable[[], object]],
+    repeats: int = 10,
+    warmup: int = 2,
+    device: torch.device | None = None,
+) -> dict[str, dict[str, float]]:
+    """Median, min and max seconds per call of each candidate, timed side by side.
+
+    Returns ``{name: {"median_s": ..., "min_s": ..., "max_s": ..., "repeats": n}}``.
+    """
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {
+        name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "repeats": len(s)}
+        for name, s in samples.items()
+    }
