@@ -35,10 +35,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from kscan.physics.checks import require_finite
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
 from kscan.errors import ConfigError, InvalidDataError, ShapeError
+from kscan.physics.checks import require_finite
 
 Convention = Literal["fastmri", "calgary"]
 ArrayLike = torch.Tensor | np.ndarray

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from kscan.pipelines import metrics
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from kscan.errors import ConfigError, InvalidDataError, KscanError, ShapeError
+from kscan.pipelines import metrics
 
 RNG_SEED = 20240501
 
