@@ -41,6 +41,11 @@ def compare_times(
             _sync(device)
             samples[name].append(time.perf_counter() - start)
     return {
-        name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "repeats": len(s)}
+        name: {
+            "median_s": statistics.median(s),
+            "min_s": min(s),
+            "max_s": max(s),
+            "repeats": len(s),
+        }
         for name, s in samples.items()
     }

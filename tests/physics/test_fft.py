@@ -28,8 +28,14 @@ def test_centered_matches_numpy(shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_uncentered_matches_numpy(shape):
     x = _random(shape, seed=1)
-    np.testing.assert_allclose(fft2c(torch.from_numpy(x), centered=False).numpy(), np.fft.fft2(x, norm="ortho"), atol=1e-12)
-    np.testing.assert_allclose(ifft2c(torch.from_numpy(x), centered=False).numpy(), np.fft.ifft2(x, norm="ortho"), atol=1e-12)
+    np.testing.assert_allclose(
+        fft2c(torch.from_numpy(x), centered=False).numpy(), np.fft.fft2(x, norm="ortho"), atol=1e-12
+    )
+    np.testing.assert_allclose(
+        ifft2c(torch.from_numpy(x), centered=False).numpy(),
+        np.fft.ifft2(x, norm="ortho"),
+        atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("centered", [True, False])

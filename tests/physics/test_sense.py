@@ -14,7 +14,9 @@ from kscan.physics.sense import SenseOperator
 
 def _crandn(shape, gen, dtype):
     real = torch.float64 if dtype == torch.complex128 else torch.float32
-    return torch.complex(torch.randn(shape, generator=gen, dtype=real), torch.randn(shape, generator=gen, dtype=real))
+    return torch.complex(
+        torch.randn(shape, generator=gen, dtype=real), torch.randn(shape, generator=gen, dtype=real)
+    )
 
 
 def _rel_inner_error(op, x, y):

@@ -25,5 +25,10 @@ def test_user_error_is_one_line_exit_2(capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "kscan.pipelines.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "kscan.pipelines.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "bench" in out.stdout and "demo" in out.stdout
