@@ -262,7 +262,9 @@ def poisson_disc(radius: np.ndarray, seed: Seed) -> np.ndarray:
     return _dart_throw(radius, _rng(seed).permutation(radius.size))
 
 
-def mask_from_array(source: np.ndarray | torch.Tensor, shape: tuple[int, int], name: str = "mask") -> Mask:
+def mask_from_array(
+    source: np.ndarray | torch.Tensor, shape: tuple[int, int], name: str = "mask"
+) -> Mask:
     """A precomputed mask from an array: ``(W,)`` (fastMRI test files), ``(1, W)`` or ``(H, W)``.
 
     Values 0/1 or bool, for k-space whose last two dimensions are ``shape = (H, W)``. The

@@ -45,9 +45,13 @@ def check_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
         raise ShapeError(f"{name}: expected a real or bool mask, got {mask.dtype}")
     mask = mask.to(torch.float32) if not mask.is_floating_point() else mask
     if mask.ndim < 1:
-        raise ShapeError(f"{name}: expected a mask of shape (W,), (1, W) or (..., H, W), got a scalar")
+        raise ShapeError(
+            f"{name}: expected a mask of shape (W,), (1, W) or (..., H, W), got a scalar"
+        )
     if not bool(((mask >= 0) & (mask <= 1)).all()):
-        raise MaskError(f"{name}: values must lie in [0, 1], found min {float(mask.min())}, max {float(mask.max())}")
+        raise MaskError(
+            f"{name}: values must lie in [0, 1], found min {float(mask.min())}, max {float(mask.max())}"
+        )
     if not bool((mask > 0).any()):
         raise MaskError(f"{name}: samples no k-space point; at least one line must be sampled")
     return mask
@@ -67,14 +71,20 @@ class SenseOperator:
         require_complex(maps, "maps")
         require_ndim(maps, "maps", 4, "(batch, coil, H, W)")
         mask = check_mask(mask).to(device=maps.device, dtype=maps.real.dtype)
+        if mask.ndim == 1:  # (W,), as fastMRI's test files store it
+            mask = mask.unsqueeze(0)
         try:
             torch.broadcast_shapes(mask.shape, maps.shape)
         except RuntimeError:
             raise ShapeError(
                 f"mask: shape {tuple(mask.shape)} does not broadcast to the coil maps {tuple(maps.shape)}"
             ) from None
-        if (mask.ndim >= 2 and mask.shape[-2] not in (1, maps.shape[-2])) or mask.shape[-1] != maps.shape[-1]:
-            raise ShapeError(f"mask: expected (..., H or 1, W={maps.shape[-1]}), got {tuple(mask.shape)}")
+        if (mask.ndim >= 2 and mask.shape[-2] not in (1, maps.shape[-2])) or mask.shape[
+            -1
+        ] != maps.shape[-1]:
+            raise ShapeError(
+                f"mask: expected (..., H or 1, W={maps.shape[-1]}), got {tuple(mask.shape)}"
+            )
         self.centered = centered
         self.maps = maps
         self.mask = mask
@@ -94,7 +104,9 @@ class SenseOperator:
 
     def _check_kspace(self, y: torch.Tensor) -> None:
         if y.ndim != 4 or y.shape[-3:] != self.maps.shape[-3:]:
-            raise ShapeError(f"kspace: expected shape {tuple(self.maps.shape)}, got {tuple(y.shape)}")
+            raise ShapeError(
+                f"kspace: expected shape {tuple(self.maps.shape)}, got {tuple(y.shape)}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``M F (S x)``: image ``(batch, H, W)`` -> masked k-space ``(batch, coil, H, W)``."""

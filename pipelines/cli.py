@@ -13,12 +13,22 @@ from collections.abc import Sequence
 
 import kscan
 from kscan.errors import KscanError
-from kscan.pipelines import bench_physics, demo
+from kscan.pipelines import (
+    bench_io,
+    bench_physics,
+    convert_cmd,
+    demo,
+    evaluate,
+    info,
+    reconstruct,
+    simulate,
+    undersample,
+)
 
-COMMANDS = (demo,)
+COMMANDS = (demo, simulate, undersample, reconstruct, convert_cmd, evaluate, info)
 """Modules with a ``register(subparsers)`` function, one per subcommand, in ``--help`` order."""
 
-BENCHMARKS = (bench_physics,)
+BENCHMARKS = (bench_physics, bench_io)
 """Modules registering a ``kscan bench SUITE`` subcommand."""
 
 

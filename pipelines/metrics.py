@@ -236,7 +236,10 @@ def reconstruction_metrics(
     data_range = _data_range(t, p, None, convention)
     sq_err = (t - p).pow(2)
     if convention == "fastmri":
-        volume_psnr = 20 * math.log10(data_range[0].item()) - 10 * math.log10(sq_err.mean().item())
+        mse = sq_err.mean().item()
+        volume_psnr = (
+            20 * math.log10(data_range[0].item()) - 10 * math.log10(mse) if mse > 0 else math.inf
+        )
     else:
         slice_mse = sq_err.mean(dim=(-2, -1))
         volume_psnr = (20 * torch.log10(data_range) - 10 * torch.log10(slice_mse)).mean().item()

@@ -46,7 +46,9 @@ def _check_shape(shape: tuple[int, int]) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def shepp_logan(shape: tuple[int, int], phase: float = 0.5, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
+def shepp_logan(
+    shape: tuple[int, int], phase: float = 0.5, dtype: torch.dtype = torch.complex64
+) -> torch.Tensor:
     """Complex Shepp-Logan phantom ``(H, W)`` with magnitude in [0, 1].
 
     The phase is the smooth field ``phase * (0.6 u + 0.4 v^2)`` over normalised coordinates

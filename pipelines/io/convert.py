@@ -71,10 +71,16 @@ def dicom_to_nifti(
         raise FileFormatError(f"{out}: expected a .nii or .nii.gz output path")
     binary = dcm2niix_binary()
     if method == "dcm2niix" and binary is None:
-        raise ConfigError("method: 'dcm2niix' requested but no dcm2niix binary found (pip install dcm2niix)")
+        raise ConfigError(
+            "method: 'dcm2niix' requested but no dcm2niix binary found (pip install dcm2niix)"
+        )
     if method == "pydicom" or binary is None:
         volume = read_series(src, series, require_mr=require_mr)
-        record = provenance if provenance is not None else _dicom_provenance(volume.info, "pydicom", series)
+        record = (
+            provenance
+            if provenance is not None
+            else _dicom_provenance(volume.info, "pydicom", series)
+        )
         return write_nifti(out, volume.array, volume.affine, record)
     info = select_series(src, series)
     if require_mr and info.modality != "MR":
@@ -136,7 +142,11 @@ def nifti_to_dicom(
 
 def _dicom_provenance(info: SeriesInfo, method: str, series: int | str | None) -> dict[str, Any]:
     """Default record: method, which series (as given), and each input file's name and hash."""
-    parameters: dict[str, Any] = {"conversion": "dicom_to_nifti", "method": method, "series": series}
+    parameters: dict[str, Any] = {
+        "conversion": "dicom_to_nifti",
+        "method": method,
+        "series": series,
+    }
     if method == "dcm2niix":
         import dcm2niix
 
@@ -155,14 +165,31 @@ def _run_dcm2niix(binary: str, info: SeriesInfo, tmp: Path, src: Path) -> Path:
     outbox.mkdir()
     for n, file in enumerate(info.files):
         (inbox / f"{n:06d}.dcm").symlink_to(file.resolve())
-    command = [binary, "-g", "i", "-b", "n", "-c", "", "-z", "n", "-f", "volume", "-o", str(outbox), str(inbox)]
+    command = [
+        binary,
+        "-g",
+        "i",
+        "-b",
+        "n",
+        "-c",
+        "",
+        "-z",
+        "n",
+        "-f",
+        "volume",
+        "-o",
+        str(outbox),
+        str(inbox),
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=_DCM2NIIX_TIMEOUT_S)
     except subprocess.TimeoutExpired as err:
         raise FileFormatError(f"{src}: dcm2niix ran longer than {_DCM2NIIX_TIMEOUT_S} s") from err
     written = sorted(outbox.glob("*.nii"))
     if done.returncode != 0 or len(written) != 1:
-        errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+        errors = [
+            line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")
+        ]
         detail = errors[-1] if errors else f"wrote {len(written)} volumes for one series"
         raise FileFormatError(
             f"{src}: dcm2niix failed (exit status {done.returncode}: {detail}); "

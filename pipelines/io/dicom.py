@@ -126,7 +126,9 @@ def read_series(
                     f"{file}: Modality is {ds.get('Modality')!r}, expected 'MR' "
                     "(pass require_mr=False to read other modalities)"
                 )
-    frames = [frame for file, ds in zip(info.files, headers, strict=True) for frame in _frames(file, ds)]
+    frames = [
+        frame for file, ds in zip(info.files, headers, strict=True) for frame in _frames(file, ds)
+    ]
     order, affine = _stack_geometry(frames, Path(path))
     return DicomVolume(_read_pixels(frames, order), affine, info)
 
@@ -255,7 +257,9 @@ def _frame(file: Path, index: int | None, rows: int, cols: int, sources: list[Da
 
     enhanced = index is not None
     position = get("PlanePositionSequence" if enhanced else None, "ImagePositionPatient", True)
-    orientation = get("PlaneOrientationSequence" if enhanced else None, "ImageOrientationPatient", True)
+    orientation = get(
+        "PlaneOrientationSequence" if enhanced else None, "ImageOrientationPatient", True
+    )
     measures = "PixelMeasuresSequence" if enhanced else None
     spacing = get(measures, "PixelSpacing", True)
     between = get(measures, "SpacingBetweenSlices", False) or get(measures, "SliceThickness", False)
@@ -385,4 +389,3 @@ def _pixel_array(file: Path, multi_frame: bool) -> np.ndarray:
     if multi_frame and pixels.ndim == 2:
         pixels = pixels[np.newaxis]
     return pixels
-

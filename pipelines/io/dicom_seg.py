@@ -71,9 +71,13 @@ def _check_labels(labels: Any, class_names: Mapping[int, str]) -> np.ndarray:
         raise ConfigError("class_names: empty; expected a name for each class id > 0")
     for cid, name in class_names.items():
         if not isinstance(cid, (int, np.integer)) or not 0 < int(cid) <= 65535:
-            raise ConfigError(f"class_names: key {cid!r}; expected class ids 1..65535 (0 is background)")
+            raise ConfigError(
+                f"class_names: key {cid!r}; expected class ids 1..65535 (0 is background)"
+            )
         if not isinstance(name, str) or not 0 < len(name) <= 64:
-            raise ConfigError(f"class_names[{cid}]: {name!r}; expected a name of 1 to 64 characters")
+            raise ConfigError(
+                f"class_names[{cid}]: {name!r}; expected a name of 1 to 64 characters"
+            )
     present = np.unique(lab)
     unnamed = sorted(int(v) for v in present if v != 0 and int(v) not in class_names)
     if unnamed:
@@ -92,7 +96,9 @@ def _check_sources(source_images: Sequence[Dataset], shape: tuple[int, ...]) -> 
         )
     for n, ds in enumerate(sources):
         if not isinstance(ds, Dataset):
-            raise ConfigError(f"source_images[{n}]: expected a pydicom Dataset, got {type(ds).__name__}")
+            raise ConfigError(
+                f"source_images[{n}]: expected a pydicom Dataset, got {type(ds).__name__}"
+            )
         size = (ds.get("Rows"), ds.get("Columns"))
         if size != tuple(shape[1:]):
             raise ShapeError(
@@ -180,7 +186,9 @@ def write_segmentation(
     seg.SeriesDescription = series_description
     add_provenance_block(seg, prov)
     block = seg.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
-    block.add_new(CLASS_MAP_ELEMENT, "UT", json.dumps({str(n): c for n, c in enumerate(class_ids, 1)}))
+    block.add_new(
+        CLASS_MAP_ELEMENT, "UT", json.dumps({str(n): c for n, c in enumerate(class_ids, 1)})
+    )
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)

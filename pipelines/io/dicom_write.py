@@ -89,25 +89,60 @@ _ORTHOGONALITY_TOL = 1e-4
 # Attributes copied unchanged from the reference series: Patient, General Study, Frame of
 # Reference, and the acquisition attributes of the MR Image module that the reconstruction shares.
 _PATIENT_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-    "PatientAge", "PatientSize", "PatientWeight", "PatientIdentityRemoved",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientIdentityRemoved",
     "DeidentificationMethod",
 )
 _STUDY_KEYWORDS = (
-    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
-    "ReferringPhysicianName", "StudyDescription",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
 )
 _FRAME_OF_REFERENCE_KEYWORDS = ("FrameOfReferenceUID", "PositionReferenceIndicator")
 _ACQUISITION_KEYWORDS = (
-    "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "RepetitionTime",
-    "EchoTime", "EchoTrainLength", "InversionTime", "FlipAngle", "MagneticFieldStrength",
-    "ImagedNucleus", "ImagingFrequency", "BodyPartExamined", "PatientPosition",
+    "ScanningSequence",
+    "SequenceVariant",
+    "ScanOptions",
+    "MRAcquisitionType",
+    "RepetitionTime",
+    "EchoTime",
+    "EchoTrainLength",
+    "InversionTime",
+    "FlipAngle",
+    "MagneticFieldStrength",
+    "ImagedNucleus",
+    "ImagingFrequency",
+    "BodyPartExamined",
+    "PatientPosition",
 )
 # Type 2 attributes (present, possibly empty) of the modules above, used when nothing is copied.
 _SYNTHESISED_EMPTY = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-    "StudyID", "AccessionNumber", "ReferringPhysicianName", "PositionReferenceIndicator",
-    "ScanOptions", "MRAcquisitionType", "RepetitionTime", "EchoTime", "EchoTrainLength",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "PositionReferenceIndicator",
+    "ScanOptions",
+    "MRAcquisitionType",
+    "RepetitionTime",
+    "EchoTime",
+    "EchoTrainLength",
 )
 
 
@@ -149,8 +184,10 @@ def read_provenance_block(ds: Dataset) -> dict[str, Any] | None:
 def _ds_rounded(x: float, rounding: str) -> str:
     """``x`` with as many significant digits as fit a 16-character decimal string (8 at least),
     rounded towards ``rounding`` (``ROUND_FLOOR`` or ``ROUND_CEILING``)."""
-    texts = (str(Context(prec=digits, rounding=rounding).create_decimal(float(x)))
-             for digits in range(15, _DS_MIN_DIGITS - 1, -1))
+    texts = (
+        str(Context(prec=digits, rounding=rounding).create_decimal(float(x)))
+        for digits in range(15, _DS_MIN_DIGITS - 1, -1)
+    )
     return next(text for text in texts if len(text) <= 16)
 
 
@@ -220,7 +257,9 @@ def _check_volume(volume: Any) -> np.ndarray:
     if vol.dtype.kind not in "biuf":
         raise ShapeError(f"volume: expected a real array, got dtype {vol.dtype}")
     if vol.size == 0:
-        raise ShapeError(f"volume: expected a non-empty (slices, rows, cols) array, got {vol.shape}")
+        raise ShapeError(
+            f"volume: expected a non-empty (slices, rows, cols) array, got {vol.shape}"
+        )
     vol = vol.astype(np.float64)
     require_finite(torch.from_numpy(vol), "volume")
     return vol
@@ -230,7 +269,9 @@ def _reference_datasets(reference: Dataset | Sequence[Dataset] | None) -> list[D
     refs = [reference] if isinstance(reference, Dataset) else list(reference or [])
     for n, ref in enumerate(refs):
         if not isinstance(ref, Dataset):
-            raise ConfigError(f"reference[{n}]: expected a pydicom Dataset, got {type(ref).__name__}")
+            raise ConfigError(
+                f"reference[{n}]: expected a pydicom Dataset, got {type(ref).__name__}"
+            )
         if "StudyInstanceUID" not in ref:
             raise InvalidDataError(f"reference[{n}]: no StudyInstanceUID; expected a DICOM image")
     series = {str(ref.get("SeriesInstanceUID", "")) for ref in refs}
@@ -268,8 +309,12 @@ def _series_template(
     ds.ScanningSequence = "RM"  # research mode: the acquisition is not known
     ds.SequenceVariant = "NONE"
     if ref is not None:
-        for kw in (*_PATIENT_KEYWORDS, *_STUDY_KEYWORDS, *_FRAME_OF_REFERENCE_KEYWORDS,
-                   *_ACQUISITION_KEYWORDS):
+        for kw in (
+            *_PATIENT_KEYWORDS,
+            *_STUDY_KEYWORDS,
+            *_FRAME_OF_REFERENCE_KEYWORDS,
+            *_ACQUISITION_KEYWORDS,
+        ):
             if kw in ref:
                 setattr(ds, kw, ref[kw].value)
     if series_number is None:
@@ -306,12 +351,22 @@ def _derivation_description(provenance: Mapping[str, Any]) -> str:
     """``"kscan <version> <model>; parameters: <JSON>"``, cut to DICOM's 1024 characters."""
     model = provenance.get("model")
     params = json.dumps(provenance.get("parameters", {}), sort_keys=True, default=str)
-    head = f"kscan {provenance.get('kscan_version', kscan.__version__)}" + (f" {model}" if model else "")
+    head = f"kscan {provenance.get('kscan_version', kscan.__version__)}" + (
+        f" {model}" if model else ""
+    )
     return f"{head}; parameters: {params}"[:1024]
 
 
-def _slice_dataset(template: Dataset, geometry: dict[str, Any], k: int, pixels: np.ndarray,
-                   slope: str, intercept: str, slice_thickness: float, sop_uid: str) -> Dataset:
+def _slice_dataset(
+    template: Dataset,
+    geometry: dict[str, Any],
+    k: int,
+    pixels: np.ndarray,
+    slope: str,
+    intercept: str,
+    slice_thickness: float,
+    sop_uid: str,
+) -> Dataset:
     """Slice ``k``: the template plus instance, plane and pixel attributes, with file meta."""
     ds = copy.deepcopy(template)
     ds.SOPInstanceUID = sop_uid
@@ -388,7 +443,9 @@ def write_mr_series(
             f"series_description: {len(series_description)} characters; DICOM allows at most 64"
         )
     if slice_thickness is not None and not slice_thickness > 0:
-        raise ConfigError(f"slice_thickness: got {slice_thickness}; expected a positive number of mm")
+        raise ConfigError(
+            f"slice_thickness: got {slice_thickness}; expected a positive number of mm"
+        )
     refs = _reference_datasets(reference)
     ref = refs[0] if refs else None
     prov = dict(provenance or {"kscan_version": kscan.__version__})
@@ -402,7 +459,9 @@ def write_mr_series(
         array_sha256(vol),
         array_sha256(aff),
     ]
-    input_hashes = [str(item.get("sha256")) for item in prov.get("inputs", []) if isinstance(item, Mapping)]
+    input_hashes = [
+        str(item.get("sha256")) for item in prov.get("inputs", []) if isinstance(item, Mapping)
+    ]
     identity = ["kscan synthesised study", *input_hashes] if input_hashes else entropy
     template = _series_template(ref, entropy, identity, prov, series_description, series_number)
     q, slope, intercept = rescale_uint16(vol)

@@ -217,8 +217,13 @@ def mrd_to_fastmri(
     """
     path = Path(path)
     data = read_mrd(
-        path, repetition=repetition, contrast=contrast, phase=phase, set_index=set_index,
-        encoding=encoding, group=group,
+        path,
+        repetition=repetition,
+        contrast=contrast,
+        phase=phase,
+        set_index=set_index,
+        encoding=encoding,
+        group=group,
     )
     if data.kspace.ndim != 4:
         raise FileFormatError(
@@ -242,13 +247,19 @@ def mrd_to_fastmri(
     return write_fastmri(out_path, kspace, header=xml, mask=mask[0], acquisition=acquisition)
 
 
-def _fastmri_header(enc: xsd.encodingType, header: xsd.ismrmrdHeader, width: int) -> xsd.ismrmrdHeader:
+def _fastmri_header(
+    enc: xsd.encodingType, header: xsd.ismrmrdHeader, width: int
+) -> xsd.ismrmrdHeader:
     """``header`` with ``enc`` as its only encoding, step-1 limits present, no subject or study."""
     limits = enc.encodingLimits
     if limits.kspace_encoding_step_1 is None:  # read_mrd placed line e1 at column e1
         full = xsd.limitType(minimum=0, maximum=width - 1, center=width // 2)
-        enc = dataclasses.replace(enc, encodingLimits=dataclasses.replace(limits, kspace_encoding_step_1=full))
-    return dataclasses.replace(header, encoding=[enc], subjectInformation=None, studyInformation=None)
+        enc = dataclasses.replace(
+            enc, encodingLimits=dataclasses.replace(limits, kspace_encoding_step_1=full)
+        )
+    return dataclasses.replace(
+        header, encoding=[enc], subjectInformation=None, studyInformation=None
+    )
 
 
 def _cartesian_encoding(path: Path, header: xsd.ismrmrdHeader, encoding: int) -> xsd.encodingType:
@@ -274,7 +285,9 @@ def _select(
     """The acquisitions whose counters ``idx.<name>`` equal ``chosen[name]``, each value present."""
     for name, value in chosen.items():
         if value not in available[name]:
-            raise FileFormatError(f"{path}: {name} {value} not in the data; found {available[name]}")
+            raise FileFormatError(
+                f"{path}: {name} {value} not in the data; found {available[name]}"
+            )
     return [a for a in acquisitions if all(getattr(a.idx, n) == v for n, v in chosen.items())]
 
 
@@ -317,7 +330,9 @@ def _parse_header(path: Path, xml: bytes | str) -> xsd.ismrmrdHeader:
             return parser.from_string(xml, xsd.ismrmrdHeader)
         return parser.from_bytes(xml, xsd.ismrmrdHeader)
     except (ParserError, ValueError, TypeError) as err:
-        raise FileFormatError(f"{path}: the ISMRMRD XML header does not parse ({_one_line(err)})") from err
+        raise FileFormatError(
+            f"{path}: the ISMRMRD XML header does not parse ({_one_line(err)})"
+        ) from err
 
 
 def _one_line(err: Exception) -> str:
@@ -430,7 +445,9 @@ def _finish(
         kspace, mask = kspace[:, :, 0], mask[:, :, 0]
     if squeeze_repetition:
         kspace, mask = kspace[:, 0], mask[:, 0]
-    return torch.from_numpy(np.ascontiguousarray(kspace)), torch.from_numpy(np.ascontiguousarray(mask))
+    return torch.from_numpy(np.ascontiguousarray(kspace)), torch.from_numpy(
+        np.ascontiguousarray(mask)
+    )
 
 
 def _xyz(size: xsd.matrixSizeType) -> tuple[int, int, int]:

@@ -3,6 +3,12 @@
 The affine maps voxel indices ``(i, j, k, 1)`` to RAS+ world coordinates in mm (NIfTI's
 convention). Writes are atomic and record provenance in a JSON sidecar
 (``vol.nii.gz`` -> ``vol.json``, :mod:`kscan.pipelines.provenance`).
+
+**Axes.** kscan's image volumes are ``(slices, H, W)``; on disk the NIfTI array is
+``(W, H, slices)``: ``i`` = column (W), ``j`` = row (H), ``k`` = slice, the layout of
+:func:`kscan.pipelines.io.dicom.read_series` and of :mod:`kscan.pipelines.io.dicom_write`
+(``volume[k, j, i]`` is row ``j``, column ``i`` of slice ``k``). :func:`volume_to_nifti_array` and
+:func:`nifti_array_to_volume` are that conversion, in one place.
 """
 
 from __future__ import annotations
@@ -48,7 +54,9 @@ def read_nifti(path: str | Path) -> NiftiVolume:
     except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as err:
         raise _unreadable(path, err) from err
     if not isinstance(image, nib.Nifti1Pair):
-        raise FileFormatError(f"{path}: {type(image).__name__} file; expected NIfTI (.nii or .nii.gz)")
+        raise FileFormatError(
+            f"{path}: {type(image).__name__} file; expected NIfTI (.nii or .nii.gz)"
+        )
     try:
         array = np.asarray(image.dataobj)
     except (OSError, EOFError, ValueError, zlib.error) as err:
@@ -87,7 +95,9 @@ def write_nifti(
     data = _storable(np.asarray(array), path)
     matrix = np.asarray(affine, dtype=np.float64)
     if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
-        raise ShapeError(f"affine for {path}: expected a finite (4, 4) matrix, got shape {matrix.shape}")
+        raise ShapeError(
+            f"affine for {path}: expected a finite (4, 4) matrix, got shape {matrix.shape}"
+        )
     image = nib.Nifti1Image(data, matrix)
     image.set_qform(matrix, code=_SCANNER)
     image.set_sform(matrix, code=_SCANNER)
@@ -118,3 +128,42 @@ def _storable(data: np.ndarray, path: Path) -> np.ndarray:
             raise InvalidDataError(f"array for {path}: int64 values outside the int32 range")
         return data.astype(np.int32)
     return data
+
+
+def volume_to_nifti_array(volume: np.ndarray) -> np.ndarray:
+    """kscan ``(slices, H, W)`` -> NIfTI ``(W, H, slices)`` (a transposed view, no copy)."""
+    if volume.ndim != 3:
+        raise ShapeError(f"volume: expected shape (slices, H, W), got {volume.shape}")
+    return volume.transpose(2, 1, 0)
+
+
+def nifti_array_to_volume(array: np.ndarray, path: str | Path = "array") -> np.ndarray:
+    """NIfTI ``(W, H, slices)`` (or one slice ``(W, H)``) -> kscan ``(slices, H, W)`` (a view).
+
+    Trailing singleton axes (e.g. a 4D ``(W, H, slices, 1)``) are dropped; ``path`` names the
+    source in the error for any other shape.
+    """
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = array[:, :, np.newaxis]
+    if array.ndim != 3:
+        raise ShapeError(f"{path}: NIfTI array of shape {array.shape}; expected (W, H, slices)")
+    return array.transpose(2, 1, 0)
+
+
+def axial_affine(
+    shape: tuple[int, int, int], voxel_size_mm: tuple[float, float, float]
+) -> np.ndarray:
+    """The (4, 4) RAS affine of a ``(slices, H, W)`` volume: axial, centred on the origin.
+
+    For volumes with no geometry of their own (simulated data, fastMRI k-space, whose files
+    carry only fields of view); ``voxel_size_mm = (dH, dW, dZ)``.
+
+    ``(i, j, k, 1) -> (-dW (i - (W-1)/2), -dH (j - (H-1)/2), dZ (k - (S-1)/2))``.
+    """
+    slices, height, width = shape
+    d_h, d_w, d_z = voxel_size_mm
+    affine = np.diag([-d_w, -d_h, d_z, 1.0])
+    affine[:3, 3] = [d_w * (width - 1) / 2, d_h * (height - 1) / 2, -d_z * (slices - 1) / 2]
+    return affine

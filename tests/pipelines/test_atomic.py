@@ -31,3 +31,14 @@ def test_temporary_keeps_suffix(tmp_path):
         assert tmp.parent == tmp_path
         tmp.write_bytes(b"x")
     assert (tmp_path / "vol.nii.gz").read_bytes() == b"x"
+
+
+def test_written_file_has_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

@@ -69,7 +69,9 @@ def assert_same_volume(ours: nib.Nifti1Image, theirs: nib.Nifti1Image) -> None:
     values, affine = in_layout(theirs, ours.affine)
     assert values.shape == ours.shape
     np.testing.assert_allclose(affine, ours.affine, atol=1e-3)
-    np.testing.assert_allclose(values, ours.get_fdata(), rtol=1e-6, atol=1e-6 * np.abs(values).max())
+    np.testing.assert_allclose(
+        values, ours.get_fdata(), rtol=1e-6, atol=1e-6 * np.abs(values).max()
+    )
 
 
 @needs_dcm2niix
@@ -81,7 +83,9 @@ def test_dcm2niix_and_pydicom_agree_on_mr_small(tmp_path):
 
 
 @needs_dcm2niix
-@pytest.mark.parametrize(("path", "rotate_deg"), [(ANATOMICAL, 0.0), (ANATOMICAL, 20.0), (EXAMPLE_4D, 0.0)])
+@pytest.mark.parametrize(
+    ("path", "rotate_deg"), [(ANATOMICAL, 0.0), (ANATOMICAL, 20.0), (EXAMPLE_4D, 0.0)]
+)
 def test_dcm2niix_and_pydicom_agree_on_written_series(tmp_path, path, rotate_deg):
     src = dicom_series(tmp_path / "series", path, rotate_deg)
     ours, theirs = convert_both(src, tmp_path)
@@ -141,7 +145,9 @@ def test_non_mr_rejected_by_both_methods(tmp_path, method):
     ct = get_testdata_file("CT_small.dcm", download=False)
     with pytest.raises(FileFormatError, match="Modality is 'CT', expected 'MR'"):
         dicom_to_nifti(ct, tmp_path / "ct.nii", method=method)
-    assert nib.load(dicom_to_nifti(ct, tmp_path / "ct.nii", method=method, require_mr=False)).shape == (128, 128, 1)
+    assert nib.load(
+        dicom_to_nifti(ct, tmp_path / "ct.nii", method=method, require_mr=False)
+    ).shape == (128, 128, 1)
 
 
 def test_bad_arguments(tmp_path):

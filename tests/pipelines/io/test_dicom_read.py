@@ -83,8 +83,15 @@ def to_enhanced(slices: list[Dataset], path: Path) -> Path:
     with its own plane position and rescale from the single-frame tags)."""
     frames = slices[::-1]
     ds = copy.deepcopy(frames[0])
-    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
-                    "SliceThickness", "RescaleSlope", "RescaleIntercept", "SliceLocation"):
+    for keyword in (
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "SliceLocation",
+    ):
         if keyword in ds:
             delattr(ds, keyword)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
@@ -145,7 +152,9 @@ def test_mr_small_single_file_and_folder(tmp_path):
     np.testing.assert_allclose(from_file.affine, expected, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_expb.dcm"])
+@pytest.mark.parametrize(
+    "name", ["MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_expb.dcm"]
+)
 def test_other_transfer_syntaxes_decode_to_the_same_volume(name):
     reference = read_series(MR_SMALL)
     other = read_series(get_testdata_file(name, download=False))
@@ -169,7 +178,9 @@ def test_slices_sorted_along_the_normal_when_positions_decrease(tmp_path):
     for k, ds in enumerate(slices[::-1]):
         np.testing.assert_array_equal(volume.array[:, :, k], ds.pixel_array.T)
     normal = np.cross(rotation(0, 90, 0)[:, 0], rotation(0, 90, 0)[:, 1])
-    np.testing.assert_allclose(volume.affine[:3, 2], [-3 * normal[0], -3 * normal[1], 3 * normal[2]], atol=1e-6)
+    np.testing.assert_allclose(
+        volume.affine[:3, 2], [-3 * normal[0], -3 * normal[1], 3 * normal[2]], atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("angles", [(0, 0, 0), (20, 0, 0), (25, -10, 5), (90, 30, 0)])
@@ -235,7 +246,9 @@ def test_two_series_in_one_folder_listed_and_selected(tmp_path):
     np.testing.assert_array_equal(by_index.array[:, :, 2], first[2].pixel_array.T)
     assert select_series(tmp_path, 0).n_instances == 4
     expect_error(r"series index 2 out of range; found 2 series", read_series, tmp_path, 2)
-    expect_error(r"no series with SeriesInstanceUID 1\.2\.3; found 2", read_series, tmp_path, "1.2.3")
+    expect_error(
+        r"no series with SeriesInstanceUID 1\.2\.3; found 2", read_series, tmp_path, "1.2.3"
+    )
 
 
 def test_list_series_reads_headers_only(tmp_path):
@@ -321,7 +334,9 @@ def test_mixed_orientations(tmp_path):
     slices = make_slices(n=4)
     slices[2].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
     paths = save(slices, tmp_path)
-    message = expect_error(r"ImageOrientationPatient differs .*\(mixed orientations", read_series, tmp_path)
+    message = expect_error(
+        r"ImageOrientationPatient differs .*\(mixed orientations", read_series, tmp_path
+    )
     assert str(paths[2]) in message
 
 
@@ -331,7 +346,11 @@ def test_inconsistent_matrix_size(tmp_path):
     small.PixelData = np.ascontiguousarray(small.pixel_array[:32, :48]).tobytes()
     small.Rows, small.Columns = 32, 48
     paths = save(slices, tmp_path)
-    message = expect_error(r"(32x48|64x64) pixels, but .* has (64x64|32x48); expected one matrix", read_series, tmp_path)
+    message = expect_error(
+        r"(32x48|64x64) pixels, but .* has (64x64|32x48); expected one matrix",
+        read_series,
+        tmp_path,
+    )
     assert str(paths[1]) in message
 
 

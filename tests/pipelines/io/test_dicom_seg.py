@@ -31,10 +31,14 @@ def make_labels(seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def source_files(tmp_path_factory) -> list[Path]:
-    affine = np.array([[0.0, -0.8, 0.0, 40.0], [0.0, 0.0, -3.0, 10.0], [1.2, 0.0, 0.0, -5.0], [0, 0, 0, 1]])
+    affine = np.array(
+        [[0.0, -0.8, 0.0, 40.0], [0.0, 0.0, -3.0, 10.0], [1.2, 0.0, 0.0, -5.0], [0, 0, 0, 1]]
+    )
     volume = np.random.default_rng(1).uniform(0.0, 1.0, SHAPE)
     reference = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    return write_mr_series(tmp_path_factory.mktemp("mr") / "series", volume, affine, reference=reference)
+    return write_mr_series(
+        tmp_path_factory.mktemp("mr") / "series", volume, affine, reference=reference
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,11 @@ def sources(source_files) -> list[Dataset]:
 def seg_path(tmp_path_factory, sources) -> Path:
     out = tmp_path_factory.mktemp("seg") / "seg.dcm"
     return write_segmentation(
-        out, make_labels(), sources, CLASS_NAMES, provenance=PROVENANCE,
+        out,
+        make_labels(),
+        sources,
+        CLASS_NAMES,
+        provenance=PROVENANCE,
         properties={5: (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion)},
     )
 
@@ -81,17 +89,31 @@ def test_seg_attributes_read_by_highdicom(seg_path, sources):
 
 def test_uids_deterministic(tmp_path, seg_path, sources):
     first = pydicom.dcmread(seg_path)
-    again = pydicom.dcmread(write_segmentation(tmp_path / "a.dcm", make_labels(), sources, CLASS_NAMES,
-                                               provenance=PROVENANCE))
-    other = pydicom.dcmread(write_segmentation(tmp_path / "b.dcm", make_labels(seed=1), sources,
-                                               CLASS_NAMES, provenance=PROVENANCE))
-    assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (first.SeriesInstanceUID, first.SOPInstanceUID)
-    assert not {other.SeriesInstanceUID, other.SOPInstanceUID} & {first.SeriesInstanceUID, first.SOPInstanceUID}
+    again = pydicom.dcmread(
+        write_segmentation(
+            tmp_path / "a.dcm", make_labels(), sources, CLASS_NAMES, provenance=PROVENANCE
+        )
+    )
+    other = pydicom.dcmread(
+        write_segmentation(
+            tmp_path / "b.dcm", make_labels(seed=1), sources, CLASS_NAMES, provenance=PROVENANCE
+        )
+    )
+    assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (
+        first.SeriesInstanceUID,
+        first.SOPInstanceUID,
+    )
+    assert not {other.SeriesInstanceUID, other.SOPInstanceUID} & {
+        first.SeriesInstanceUID,
+        first.SOPInstanceUID,
+    }
     assert first.SeriesInstanceUID != sources[0].SeriesInstanceUID
 
 
 def test_all_background_round_trip(tmp_path, sources):
-    path = write_segmentation(tmp_path / "empty.dcm", np.zeros(SHAPE, np.uint8), sources, {1: "tissue"})
+    path = write_segmentation(
+        tmp_path / "empty.dcm", np.zeros(SHAPE, np.uint8), sources, {1: "tissue"}
+    )
     result = read_segmentation(path)
     assert result.labels.shape == SHAPE and not result.labels.any()
     assert result.class_names == {1: "tissue"}
@@ -110,12 +132,36 @@ def test_failed_write_leaves_no_file(tmp_path, sources, monkeypatch):
 @pytest.mark.parametrize(
     ("labels", "names", "n_sources", "error", "match"),
     [
-        (make_labels()[0], CLASS_NAMES, 4, ShapeError, r"labels: expected shape \(slices, rows, cols\)"),
-        (make_labels().astype(np.float32), CLASS_NAMES, 4, ShapeError, "labels: expected an integer array"),
-        (make_labels(), {1: "a", 2: "b"}, 4, InvalidDataError, r"labels: class ids \[5\] have no name"),
+        (
+            make_labels()[0],
+            CLASS_NAMES,
+            4,
+            ShapeError,
+            r"labels: expected shape \(slices, rows, cols\)",
+        ),
+        (
+            make_labels().astype(np.float32),
+            CLASS_NAMES,
+            4,
+            ShapeError,
+            "labels: expected an integer array",
+        ),
+        (
+            make_labels(),
+            {1: "a", 2: "b"},
+            4,
+            InvalidDataError,
+            r"labels: class ids \[5\] have no name",
+        ),
         (make_labels(), {0: "background", **CLASS_NAMES}, 4, ConfigError, "class_names: key 0"),
         (make_labels(), {}, 4, ConfigError, "class_names: empty"),
-        (make_labels(), CLASS_NAMES, 3, ShapeError, "source_images: 3 images for labels of 4 slices"),
+        (
+            make_labels(),
+            CLASS_NAMES,
+            3,
+            ShapeError,
+            "source_images: 3 images for labels of 4 slices",
+        ),
     ],
 )
 def test_bad_input_one_line_errors(tmp_path, sources, labels, names, n_sources, error, match):
@@ -126,14 +172,18 @@ def test_bad_input_one_line_errors(tmp_path, sources, labels, names, n_sources, 
 
 
 def test_source_size_mismatch(tmp_path, sources):
-    with pytest.raises(ShapeError, match=r"source_images\[0\]: 10x14 pixels; labels slices are 10x12"):
+    with pytest.raises(
+        ShapeError, match=r"source_images\[0\]: 10x14 pixels; labels slices are 10x12"
+    ):
         write_segmentation(tmp_path / "seg.dcm", make_labels()[..., :12], sources, CLASS_NAMES)
 
 
 def test_sources_from_two_series_rejected(tmp_path, sources):
     mixed = [sources[0], sources[1], copy.deepcopy(sources[2]), sources[3]]
     mixed[2].SeriesInstanceUID = "1.2.3.4"
-    with pytest.raises(InvalidDataError, match="source_images: rejected by highdicom: .*same series"):
+    with pytest.raises(
+        InvalidDataError, match="source_images: rejected by highdicom: .*same series"
+    ):
         write_segmentation(tmp_path / "seg.dcm", make_labels(), mixed, CLASS_NAMES)
     assert list(tmp_path.iterdir()) == []
 

@@ -45,8 +45,6 @@ def make_volume(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-3.0, 50.0, SHAPE)
 
 
-
-
 @pytest.fixture(scope="module")
 def reference() -> Dataset:
     return pydicom.dcmread(get_testdata_file("MR_small.dcm"))
@@ -55,15 +53,23 @@ def reference() -> Dataset:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory, reference) -> list[Path]:
     out = tmp_path_factory.mktemp("series") / "recon"
-    return write_mr_series(out, make_volume(), oblique_affine(), reference=reference, provenance=PROVENANCE)
+    return write_mr_series(
+        out, make_volume(), oblique_affine(), reference=reference, provenance=PROVENANCE
+    )
 
 
 def read_all(files: list[Path]) -> list[Dataset]:
     return [pydicom.dcmread(f) for f in files]
 
 
-def assert_same_voxels(data: np.ndarray, affine: np.ndarray, volume: np.ndarray, vol_affine: np.ndarray,
-                       value_tol: float, mm_tol: float = 1e-3) -> None:
+def assert_same_voxels(
+    data: np.ndarray,
+    affine: np.ndarray,
+    volume: np.ndarray,
+    vol_affine: np.ndarray,
+    value_tol: float,
+    mm_tol: float = 1e-3,
+) -> None:
     """``data[i, j, k]`` at ``affine @ (i, j, k)`` equals ``volume[k', j', i']`` at the same world point.
 
     Every voxel of ``data`` must land (within ``mm_tol``) on a distinct voxel centre of ``volume``.
@@ -91,15 +97,29 @@ def test_written_files_are_mr_image_storage_with_valid_meta(written):
         assert ds.InstanceNumber == k + 1
         assert (ds.Rows, ds.Columns, ds.BitsAllocated, ds.PixelRepresentation) == (12, 16, 16, 0)
         assert ds.pixel_array.dtype == np.uint16
-        for kw in ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
-                   "EchoTime", "RepetitionTime", "EchoTrainLength", "SliceThickness"):
+        for kw in (
+            "ScanningSequence",
+            "SequenceVariant",
+            "ScanOptions",
+            "MRAcquisitionType",
+            "EchoTime",
+            "RepetitionTime",
+            "EchoTrainLength",
+            "SliceThickness",
+        ):
             assert kw in ds  # MR Image / Image Plane module attributes of type 1 or 2
 
 
 def test_reference_study_patient_frame_kept(written, reference):
     ds = pydicom.dcmread(written[0])
-    for kw in ("StudyInstanceUID", "PatientID", "PatientName", "FrameOfReferenceUID", "StudyDate",
-               "ScanningSequence"):
+    for kw in (
+        "StudyInstanceUID",
+        "PatientID",
+        "PatientName",
+        "FrameOfReferenceUID",
+        "StudyDate",
+        "ScanningSequence",
+    ):
         assert ds[kw].value == reference[kw].value, kw
     assert ds.SeriesInstanceUID != reference.SeriesInstanceUID
     assert ds.SOPInstanceUID != reference.SOPInstanceUID
@@ -134,10 +154,15 @@ def test_geometry_matches_dicom_pixel_positions(written):
     for k, ds in enumerate(read_all(written)):
         iop = np.array(ds.ImageOrientationPatient, dtype=float)
         dr, dc = (float(v) for v in ds.PixelSpacing)
-        lps = (np.array(ds.ImagePositionPatient, dtype=float)
-               + cols[..., None] * dc * iop[:3] + rows[..., None] * dr * iop[3:])
+        lps = (
+            np.array(ds.ImagePositionPatient, dtype=float)
+            + cols[..., None] * dc * iop[:3]
+            + rows[..., None] * dr * iop[3:]
+        )
         ras = lps * [-1, -1, 1]
-        expected = np.stack([cols, rows, np.full_like(cols, k)], -1) @ affine[:3, :3].T + affine[:3, 3]
+        expected = (
+            np.stack([cols, rows, np.full_like(cols, k)], -1) @ affine[:3, :3].T + affine[:3, 3]
+        )
         np.testing.assert_allclose(ras, expected, atol=1e-6)
         assert float(ds.SpacingBetweenSlices) == pytest.approx(2.5)
         assert float(ds.SliceThickness) == pytest.approx(2.5)
@@ -161,16 +186,20 @@ def test_dcm2niix_and_nibabel_read_back_same_geometry(tmp_path, geometry):
     dcm2niix = pytest.importorskip("dcm2niix")
     affine = GEOMETRIES[geometry]()
     files = write_mr_series(tmp_path / "series", make_volume(), affine)
-    result = dcm2niix.main(["-z", "n", "-f", "converted", "-o", str(tmp_path), str(tmp_path / "series")],
-                           capture_output=True, text=True)
+    result = dcm2niix.main(
+        ["-z", "n", "-f", "converted", "-o", str(tmp_path), str(tmp_path / "series")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     image = nib.load(tmp_path / "converted.nii")
     ds = pydicom.dcmread(files[0])
     slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
     # dcm2niix stores slope and intercept as float32 in the NIfTI header.
     float32_error = np.finfo(np.float32).eps * (abs(intercept) + 65535 * slope)
-    assert_same_voxels(image.get_fdata(), image.affine, make_volume(), affine,
-                       value_tol=slope / 2 + float32_error)
+    assert_same_voxels(
+        image.get_fdata(), image.affine, make_volume(), affine, value_tol=slope / 2 + float32_error
+    )
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
@@ -181,21 +210,35 @@ def test_kscan_reader_reads_back_same_geometry(tmp_path, geometry):
     volume = dicom.read_series(tmp_path / "series")
     slope = float(pydicom.dcmread(files[0]).RescaleSlope)
     float32_error = np.finfo(np.float32).eps * 50.0  # the reader returns float32
-    assert_same_voxels(volume.array, volume.affine, make_volume(), affine,
-                       value_tol=slope / 2 + float32_error, mm_tol=1e-4)
+    assert_same_voxels(
+        volume.array,
+        volume.affine,
+        make_volume(),
+        affine,
+        value_tol=slope / 2 + float32_error,
+        mm_tol=1e-4,
+    )
 
 
 def series_uids(files: list[Path]) -> tuple[str, list[str], str, str]:
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    return (headers[0].SeriesInstanceUID, [h.SOPInstanceUID for h in headers],
-            headers[0].StudyInstanceUID, headers[0].FrameOfReferenceUID)
+    return (
+        headers[0].SeriesInstanceUID,
+        [h.SOPInstanceUID for h in headers],
+        headers[0].StudyInstanceUID,
+        headers[0].FrameOfReferenceUID,
+    )
 
 
 def test_uids_deterministic_from_inputs(tmp_path, written):
     """Same inputs (only the creation time differs) -> same UIDs; other inputs -> other UIDs."""
-    again = write_mr_series(tmp_path / "again", make_volume(), oblique_affine(),
-                            reference=pydicom.dcmread(get_testdata_file("MR_small.dcm")),
-                            provenance={**PROVENANCE, "created": "2027-05-06T07:08:09+00:00"})
+    again = write_mr_series(
+        tmp_path / "again",
+        make_volume(),
+        oblique_affine(),
+        reference=pydicom.dcmread(get_testdata_file("MR_small.dcm")),
+        provenance={**PROVENANCE, "created": "2027-05-06T07:08:09+00:00"},
+    )
     series, sops, _, _ = series_uids(written)
     assert series_uids(again)[:2] == (series, sops)
     assert len(set(sops)) == SHAPE[0]
@@ -203,8 +246,12 @@ def test_uids_deterministic_from_inputs(tmp_path, written):
 
     other_params = {**PROVENANCE, "parameters": {"lambda": 0.02, "iterations": 10}}
     changed = [
-        write_mr_series(tmp_path / "params", make_volume(), oblique_affine(), provenance=other_params),
-        write_mr_series(tmp_path / "volume", make_volume(seed=1), oblique_affine(), provenance=PROVENANCE),
+        write_mr_series(
+            tmp_path / "params", make_volume(), oblique_affine(), provenance=other_params
+        ),
+        write_mr_series(
+            tmp_path / "volume", make_volume(seed=1), oblique_affine(), provenance=PROVENANCE
+        ),
     ]
     seen = {series, *sops}
     for files in changed:
@@ -252,7 +299,9 @@ def test_rescale_covers_range_within_documented_bound(volume):
 
 
 def test_accepts_torch_tensor(tmp_path):
-    files = write_mr_series(tmp_path / "t", torch.from_numpy(make_volume()), torch.from_numpy(oblique_affine()))
+    files = write_mr_series(
+        tmp_path / "t", torch.from_numpy(make_volume()), torch.from_numpy(oblique_affine())
+    )
     assert len(files) == SHAPE[0]
 
 
@@ -301,7 +350,12 @@ def skewed_affine() -> np.ndarray:
 @pytest.mark.parametrize(
     ("volume", "affine", "error", "match"),
     [
-        (np.zeros((12, 16)), np.eye(4), ShapeError, r"volume: expected shape \(slices, rows, cols\)"),
+        (
+            np.zeros((12, 16)),
+            np.eye(4),
+            ShapeError,
+            r"volume: expected shape \(slices, rows, cols\)",
+        ),
         (np.full(SHAPE, np.nan), np.eye(4), InvalidDataError, "volume: contains 960 NaN"),
         (np.zeros(SHAPE, np.complex64), np.eye(4), ShapeError, "volume: expected a real array"),
         (np.zeros(SHAPE), np.eye(3), ShapeError, "affine: expected a 4x4"),
@@ -321,7 +375,9 @@ def test_reference_errors_never_print_patient_identifiers(tmp_path, reference):
     other = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     other.SeriesInstanceUID = "1.2.3.4"
     with pytest.raises(KscanError) as info:
-        write_mr_series(tmp_path / "s", make_volume(), oblique_affine(), reference=[reference, other])
+        write_mr_series(
+            tmp_path / "s", make_volume(), oblique_affine(), reference=[reference, other]
+        )
     message = str(info.value)
     assert "2 series" in message
     for identifier in (str(reference.PatientName), reference.PatientID, reference.StudyInstanceUID):

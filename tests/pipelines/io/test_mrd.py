@@ -45,7 +45,9 @@ def _header(
     parallel = None
     if calibration is not None:
         parallel = xsd.parallelImagingType(
-            accelerationFactor=xsd.accelerationFactorType(kspace_encoding_step_1=2, kspace_encoding_step_2=1),
+            accelerationFactor=xsd.accelerationFactorType(
+                kspace_encoding_step_1=2, kspace_encoding_step_2=1
+            ),
             calibrationMode=xsd.calibrationModeType(calibration),
         )
     encoding = xsd.encodingType(
@@ -109,9 +111,15 @@ def _shuffled(items: list, seed: int) -> list:
 def test_slices_and_repetitions_are_placed_exactly(tmp_path):
     # Four distinct volumes (slice s, repetition r), lines in random order, a noise scan first.
     phantoms = {
-        (s, r): simulate_multicoil((H, W), COILS, noise=0.01, seed=10 * s + r) for s in (0, 1) for r in (0, 1)
+        (s, r): simulate_multicoil((H, W), COILS, noise=0.01, seed=10 * s + r)
+        for s in (0, 1)
+        for r in (0, 1)
     }
-    acqs = [a for (s, r), p in phantoms.items() for a in _lines(p.kspace, range(W), slice=s, repetition=r)]
+    acqs = [
+        a
+        for (s, r), p in phantoms.items()
+        for a in _lines(p.kspace, range(W), slice=s, repetition=r)
+    ]
     path = _write(tmp_path / "scan.h5", _header(), [_noise_scan(), *_shuffled(acqs, 0)])
 
     data = read_mrd(path)
@@ -151,8 +159,12 @@ def test_centering_matches_a_direct_dft(tmp_path, shape):
     # MRD semantics: sample s of a readout is kx = s - center_sample, line e1 is ky = e1 - center.
     h, w = shape
     center_1 = 5  # lines 0..w-1 hold ky = -5 .. w-6, so they land at W index e1 - 5 + w // 2
-    coils = (birdcage_maps(2, shape, dtype=torch.complex128) * shepp_logan(shape, dtype=torch.complex128)).numpy()
-    center_sample = 6  # asymmetric echo: kx = -6 .. h - h // 2 - 1, the rest of the readout is missing
+    coils = (
+        birdcage_maps(2, shape, dtype=torch.complex128) * shepp_logan(shape, dtype=torch.complex128)
+    ).numpy()
+    center_sample = (
+        6  # asymmetric echo: kx = -6 .. h - h // 2 - 1, the rest of the readout is missing
+    )
     kx = np.arange(h - h // 2 + center_sample) - center_sample
     acqs, ky = [], []
     for e1 in range(w):
@@ -173,7 +185,9 @@ def test_centering_matches_a_direct_dft(tmp_path, shape):
 
     # With every line and sample acquired, the centered inverse FFT gives back the coil images.
     acqs = [
-        _acq(np.stack([_dft(c, np.arange(h) - h // 2, [k])[:, 0] for c in coils]), k + w // 2, h // 2)
+        _acq(
+            np.stack([_dft(c, np.arange(h) - h // 2, [k])[:, 0] for c in coils]), k + w // 2, h // 2
+        )
         for k in range(-(w // 2), w - w // 2)
     ]
     path = _write(tmp_path / "full.h5", _header((h, w, 1), center_1=w // 2), acqs)
@@ -187,9 +201,12 @@ def test_undersampled_lines_and_calibration(tmp_path, calibration):
     phantom = simulate_multicoil((H, W), COILS, noise=0.0, seed=3)
     even, acs = list(range(0, W, 2)), [W // 2 - 1, W // 2 + 1]
     acqs = _lines(phantom.kspace, even) + [
-        _acq(phantom.kspace[:, :, w].numpy(), w, flags=(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION,)) for w in acs
+        _acq(phantom.kspace[:, :, w].numpy(), w, flags=(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION,))
+        for w in acs
     ]
-    path = _write(tmp_path / "r2.h5", _header(calibration=calibration), [_noise_scan(), *_shuffled(acqs, 1)])
+    path = _write(
+        tmp_path / "r2.h5", _header(calibration=calibration), [_noise_scan(), *_shuffled(acqs, 1)]
+    )
 
     data = read_mrd(path, repetition=0)
     lines = sorted(even + acs) if calibration == "embedded" else even
@@ -222,14 +239,18 @@ def test_averages_are_averaged_and_dataset_api_files_read(tmp_path):
 def test_3d_partitions_contrasts_and_phases(tmp_path):
     # 3D: kspace_encode_step_2 0..3 with centre 2 on a z = 4 grid; two contrasts, the second chosen.
     z = 4
-    source = torch.randn(2, z, COILS, H, W, generator=torch.Generator().manual_seed(0), dtype=torch.complex64)
+    source = torch.randn(
+        2, z, COILS, H, W, generator=torch.Generator().manual_seed(0), dtype=torch.complex64
+    )
     acqs = [
         _acq(source[c, p, :, :, w].numpy(), w, kspace_encode_step_2=p, contrast=c)
         for c in (0, 1)
         for p in range(z)
         for w in range(W)
     ]
-    path = _write(tmp_path / "3d.h5", _header((H, W, z), step_2=(z - 1, z // 2)), _shuffled(acqs, 2))
+    path = _write(
+        tmp_path / "3d.h5", _header((H, W, z), step_2=(z - 1, z // 2)), _shuffled(acqs, 2)
+    )
 
     data = read_mrd(path, contrast=1)
     assert data.kspace.shape == (1, 1, z, COILS, H, W) and data.mask.shape == (1, 1, z, W)
@@ -241,10 +262,18 @@ def test_3d_partitions_contrasts_and_phases(tmp_path):
 
 def test_convert_to_fastmri(tmp_path):
     phantoms = [simulate_multicoil((H, W), COILS, noise=0.01, seed=s) for s in range(3)]
-    acqs = [a for s, p in enumerate(phantoms[:2]) for a in _lines(p.kspace, range(W), slice=s, repetition=1)]
+    acqs = [
+        a
+        for s, p in enumerate(phantoms[:2])
+        for a in _lines(p.kspace, range(W), slice=s, repetition=1)
+    ]
     header = _header()
-    header.subjectInformation = xsd.subjectInformationType(patientName="Doe^Jane", patientID="P-1234")
-    source = _write(tmp_path / "scan.h5", header, [_noise_scan(), *_lines(phantoms[2].kspace, range(W)), *acqs])
+    header.subjectInformation = xsd.subjectInformationType(
+        patientName="Doe^Jane", patientID="P-1234"
+    )
+    source = _write(
+        tmp_path / "scan.h5", header, [_noise_scan(), *_lines(phantoms[2].kspace, range(W)), *acqs]
+    )
 
     out = mrd_to_fastmri(source, tmp_path / "out" / "file1.h5", repetition=1)
     with FastMRIFile(out) as f:
@@ -252,10 +281,14 @@ def test_convert_to_fastmri(tmp_path):
     expected = torch.stack([p.kspace for p in phantoms[:2]])
     assert torch.equal(volume["kspace"], expected) and "mask" not in volume
     # fastMRI's target, computed here with numpy: RSS of the centered inverse FFT, centre crop.
-    images = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(expected.numpy(), axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    images = np.fft.fftshift(
+        np.fft.ifft2(np.fft.ifftshift(expected.numpy(), axes=(-2, -1)), norm="ortho"), axes=(-2, -1)
+    )
     rss = np.sqrt((np.abs(images) ** 2).sum(axis=1))
     top = (H - H // 2) // 2
-    np.testing.assert_allclose(volume["target"].numpy(), rss[:, top : top + H // 2, :], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        volume["target"].numpy(), rss[:, top : top + H // 2, :], rtol=1e-5, atol=1e-6
+    )
     assert (meta.encoding_size, meta.recon_size) == ((H, W, 1), (H // 2, W, 1))
     assert (meta.padding_left, meta.padding_right) == (0, W)
     assert b"Doe" not in xml and b"P-1234" not in xml

@@ -23,7 +23,9 @@ EXAMPLE_4D = os.path.join(data_path, "example4d.nii.gz")
 def oblique_affine() -> np.ndarray:
     """A rotated, anisotropic voxel-to-RAS affine."""
     angle = np.deg2rad(17.0)
-    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    rot = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
     affine = np.eye(4)
     affine[:3, :3] = rot @ np.diag([0.7, 0.9, 2.5])
     affine[:3, 3] = [-40.25, 12.5, 3.0]
@@ -90,8 +92,12 @@ def test_bool_and_int64_stored_as_readable_integers(tmp_path):
 
 
 def test_sidecar_records_provenance(tmp_path):
-    record = provenance_record(model="zf", parameters={"acceleration": 4}, inputs=[ANATOMICAL], command="kscan test")
-    path = write_nifti(tmp_path / "recon.nii.gz", np.zeros((2, 3, 4), np.float32), np.eye(4), record)
+    record = provenance_record(
+        model="zf", parameters={"acceleration": 4}, inputs=[ANATOMICAL], command="kscan test"
+    )
+    path = write_nifti(
+        tmp_path / "recon.nii.gz", np.zeros((2, 3, 4), np.float32), np.eye(4), record
+    )
     sidecar = json.loads((tmp_path / "recon.json").read_text())
     assert sidecar["model"] == "zf"
     assert sidecar["parameters"] == {"acceleration": 4}
@@ -141,7 +147,9 @@ def test_truncated_and_corrupt_files(tmp_path):
 
 def test_missing_and_non_nifti_files(tmp_path):
     _expect_unreadable(tmp_path / "missing.nii", match="no such file")
-    _expect_unreadable(os.path.join(data_path, "analyze.hdr"), match="Spm2AnalyzeImage file; expected NIfTI")
+    _expect_unreadable(
+        os.path.join(data_path, "analyze.hdr"), match="Spm2AnalyzeImage file; expected NIfTI"
+    )
 
 
 def test_bad_write_arguments(tmp_path):

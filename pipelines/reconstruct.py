@@ -1,0 +1,291 @@
+"""``kscan reconstruct``: classical reconstruction of fastMRI-layout k-space files.
+
+For every volume: the sampling mask is the file's ``mask`` (test-style files), or a mask made on
+the fly with ``--mask`` (seeded by the file name, as ``kscan undersample`` does), or none (fully
+sampled). Coil maps come from ESPIRiT or the ACS estimate on the sampled centre lines, or from the
+file's ``sensitivity_map`` (``--maps auto``, the default, takes ESPIRiT when at least 24 centre
+lines are sampled and the ACS estimate otherwise). Slices are reconstructed in batches with one of:
+
+- ``zf``: zero-filled, the SENSE combination ``A^H y`` (``--maps none``: the RSS);
+- ``sense``: CG-SENSE with Tikhonov weight ``--lam``;
+- ``cs``: compressed sensing, L1-wavelet (``--regularizer wavelet``) or total variation (``tv``).
+
+The image magnitude is cropped to the header's recon size (complex crop, then magnitude; a volume
+narrower than the recon width is cropped to ``(W, W)``, as fastMRI does) and written by output
+extension or ``--format``: ``.h5`` (fastMRI's submission layout: ``reconstruction``
+``(slices, rH, rW)`` float32, with the provenance as the JSON attribute ``kscan_provenance``),
+``.nii``/``.nii.gz`` (with a JSON provenance sidecar) or ``--format dicom`` (a derived MR series
+folder per volume). Voxel sizes come from the header's recon field of view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kscan.errors import ConfigError
+from kscan.physics import solvers
+from kscan.physics.coilmaps import acs_maps, center_lines, espirit_maps
+from kscan.physics.masks import MASK_KINDS, apply_mask
+from kscan.pipelines.atomic import atomic_path
+from kscan.pipelines.batch_paths import output_pairs
+from kscan.pipelines.cli_args import add_device, add_quiet, device
+from kscan.pipelines.io.dicom_write import write_mr_series
+from kscan.pipelines.io.fastmri import FastMRIFile, FastMRIMetadata
+from kscan.pipelines.io.nifti import axial_affine, volume_to_nifti_array, write_nifti
+from kscan.pipelines.provenance import provenance_record
+from kscan.pipelines.synthetic import center_crop
+from kscan.pipelines.undersample import volume_mask
+
+METHODS = ("zf", "sense", "cs")
+FORMATS = {"h5": ".h5", "nifti": ".nii.gz", "dicom": ""}
+"""Output formats and the suffix of each volume's output (a DICOM series is a folder)."""
+MAPS = ("auto", "espirit", "acs", "file", "none")
+"""``auto``: ESPIRiT when at least ``ESPIRIT_MIN_LINES`` centre lines are sampled, else the ACS estimate."""
+
+ESPIRIT_MIN_LINES = 24
+"""ESPIRiT's default calibration width; with fewer lines its 6x6 kernels are poorly determined."""
+REGULARIZERS = ("wavelet", "tv")
+
+
+@dataclass(frozen=True)
+class ReconSettings:
+    """What ``kscan reconstruct`` does to each volume (every field is recorded in the provenance)."""
+
+    method: str = "sense"
+    maps: str = "auto"
+    regularizer: str = "wavelet"
+    lam: float | None = None
+    max_iter: int | None = None
+    batch_size: int = 4
+    mask: str | None = None
+    acceleration: float = 4.0
+    center_fraction: float = 0.08
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("--method", self.method, METHODS),
+            ("--maps", self.maps, MAPS),
+            ("--regularizer", self.regularizer, REGULARIZERS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+        if self.maps == "none" and self.method != "zf":
+            raise ConfigError(
+                f"--maps none: only --method zf works without coil maps, got {self.method!r}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size: expected at least 1, got {self.batch_size}")
+
+    def solver(self) -> Callable[..., solvers.ReconResult]:
+        """The solver function with the configured weight and iteration cap bound."""
+        fn = {
+            "zf": solvers.zero_filled,
+            "sense": solvers.cg_sense,
+            "cs": solvers.cs_wavelet if self.regularizer == "wavelet" else solvers.cs_tv,
+        }[self.method]
+        options = {
+            k: v for k, v in (("lam", self.lam), ("max_iter", self.max_iter)) if v is not None
+        }
+        if self.method == "zf" and options:
+            raise ConfigError(
+                "--lam/--max-iter: zero-filled reconstruction has no weight or iterations"
+            )
+        return lambda kspace, mask, maps: fn(kspace, mask, maps, **options)
+
+
+def _coil_maps(
+    settings: ReconSettings,
+    kspace: torch.Tensor,
+    mask: torch.Tensor,
+    stored: torch.Tensor | None,
+    path: Path,
+) -> torch.Tensor | None:
+    if settings.maps == "none":
+        return None
+    if settings.maps == "file":
+        if stored is None:
+            raise ConfigError(f"{path}: --maps file, but the file has no 'sensitivity_map' dataset")
+        return stored
+    use_acs = settings.maps == "acs" or (
+        settings.maps == "auto" and center_lines(mask)[1] < ESPIRIT_MIN_LINES
+    )
+    return acs_maps(kspace, mask=mask) if use_acs else espirit_maps(kspace, mask=mask)
+
+
+def voxel_size(meta: FastMRIMetadata, crop: tuple[int, int]) -> tuple[float, float, float]:
+    """``(dH, dW, dZ)`` in mm of the cropped image: the header's recon field of view over the recon
+    matrix (slice thickness: the field of view's z), or 1 mm where the header has no field of view."""
+    if meta.recon_fov_mm is None:
+        return (1.0, 1.0, 1.0)
+    fov_x, fov_y, fov_z = meta.recon_fov_mm
+    rh, rw = meta.recon_size[:2]
+    return (fov_x / rh, fov_y / rw, fov_z)
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """A reconstructed magnitude volume ``(slices, rH, rW)`` float32 and its voxel size (dH, dW, dZ) mm."""
+
+    volume: np.ndarray
+    voxel_size_mm: tuple[float, float, float]
+
+
+def reconstruct_file(
+    path: str | os.PathLike[str], settings: ReconSettings, dev: torch.device, quiet: bool = True
+) -> Reconstruction:
+    """Reconstruct one fastMRI-layout file (see the module docstring)."""
+    path = Path(path)
+    solve = settings.solver()
+    with FastMRIFile(path) as f:
+        meta = f.metadata
+        width = meta.matrix_size[-1]
+        if meta.has_mask:
+            mask = torch.from_numpy(np.asarray(f.read_slice(0)["mask"], dtype=np.float32))
+        elif settings.mask is not None:
+            mask = volume_mask(
+                path,
+                tuple(meta.matrix_size[-2:]),
+                settings.mask,
+                settings.acceleration,
+                settings.center_fraction,
+                (meta.padding_left, meta.padding_right),
+                settings.seed,
+            ).mask
+        else:
+            mask = torch.ones(1, width)
+        rh, rw = meta.recon_size[:2]
+        crop = (rh, rw) if width >= rw else (width, width)
+        out = np.empty((meta.num_slices, *crop), dtype=np.float32)
+        starts = range(0, meta.num_slices, settings.batch_size)
+        for start in tqdm(starts, desc=path.name, disable=quiet, leave=False):
+            stop = min(start + settings.batch_size, meta.num_slices)
+            batch = [f.read_slice(i) for i in range(start, stop)]
+            kspace = apply_mask(torch.stack([b["kspace"] for b in batch]).to(dev), mask.to(dev))
+            stored = (
+                torch.stack([b["sensitivity_map"] for b in batch]).to(dev)
+                if meta.has_sensitivity_map
+                else None
+            )
+            maps = _coil_maps(settings, kspace, mask.to(dev), stored, path)
+            image = solve(kspace, mask.to(dev), maps).image
+            out[start:stop] = center_crop(image, crop).abs().cpu().numpy()
+    return Reconstruction(out, voxel_size(meta, crop))
+
+
+def write_reconstruction(
+    path: Path, recon: Reconstruction, output_format: str, provenance: dict[str, Any]
+) -> None:
+    """Write ``recon`` as ``output_format`` (one of :data:`FORMATS`) to ``path``, atomically.
+
+    ``h5``: fastMRI's submission layout, ``reconstruction`` ``(slices, rH, rW)`` float32 with the
+    provenance as the JSON attribute ``kscan_provenance``. ``nifti``: the volume on an axial affine
+    of the voxel size, with a provenance sidecar. ``dicom``: a derived MR series in the folder ``path``.
+    """
+    affine = axial_affine(recon.volume.shape, recon.voxel_size_mm)
+    if output_format == "h5":
+        with atomic_path(path) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("reconstruction", data=recon.volume.astype(np.float32))
+                f.attrs["kscan_provenance"] = json.dumps(provenance)
+    elif output_format == "nifti":
+        write_nifti(path, volume_to_nifti_array(recon.volume), affine, provenance=provenance)
+    else:
+        write_mr_series(path, recon.volume, affine, provenance=provenance, overwrite=True)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``kscan reconstruct``."""
+    parser = sub.add_parser(
+        "reconstruct",
+        help="reconstruct fastMRI-layout k-space files (zero-filled, CG-SENSE, compressed sensing)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: kscan reconstruct data/h5_4x recon/ --method sense --maps espirit",
+    )
+    parser.add_argument("input", help="a fastMRI-layout .h5 file or a folder of them")
+    parser.add_argument("output", help="an .h5 / .nii / .nii.gz file (single input), or a folder")
+    parser.add_argument(
+        "--format",
+        default=None,
+        choices=tuple(FORMATS),
+        help="output format (default: by the output's extension; h5 for folders)",
+    )
+    parser.add_argument(
+        "--method", default="sense", choices=METHODS, help="reconstruction (default sense)"
+    )
+    parser.add_argument(
+        "--maps",
+        default="auto",
+        choices=MAPS,
+        help=f"coil maps (default auto: ESPIRiT with >= {ESPIRIT_MIN_LINES} centre lines, else ACS)",
+    )
+    parser.add_argument(
+        "--regularizer", default="wavelet", choices=REGULARIZERS, help="for --method cs"
+    )
+    parser.add_argument(
+        "--lam", type=float, default=None, help="regularisation weight (default: the solver's)"
+    )
+    parser.add_argument(
+        "--max-iter", type=int, default=None, help="iteration cap (default: the solver's)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="slices solved together (default 4)"
+    )
+    parser.add_argument(
+        "--mask",
+        default=None,
+        choices=MASK_KINDS,
+        help="undersample fully sampled inputs on the fly",
+    )
+    parser.add_argument("--acceleration", type=float, default=4.0, help="with --mask (default 4)")
+    parser.add_argument(
+        "--center-fraction", type=float, default=0.08, help="with --mask (default 0.08)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="with --mask: mixed into the per-file seed"
+    )
+    add_device(parser)
+    add_quiet(parser)
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> None:
+    settings = ReconSettings(
+        method=args.method,
+        maps=args.maps,
+        regularizer=args.regularizer,
+        lam=args.lam,
+        max_iter=args.max_iter,
+        batch_size=args.batch_size,
+        mask=args.mask,
+        acceleration=args.acceleration,
+        center_fraction=args.center_fraction,
+        seed=args.seed,
+    )
+    dev = device(args.device)
+    output_format = args.format or output_format_of(Path(args.output))
+    pairs = output_pairs(args.input, args.output, FORMATS[output_format])
+    for src, dst in tqdm(pairs, desc="reconstructing", disable=args.quiet):
+        recon = reconstruct_file(src, settings, dev, quiet=args.quiet)
+        record = provenance_record(
+            model=settings.method, parameters=asdict(settings) | {"device": str(dev)}, inputs=[src]
+        )
+        write_reconstruction(dst, recon, output_format, record)
+        tqdm.write(f"{dst}: {recon.volume.shape[0]} slices, {settings.method}")
+
+
+def output_format_of(path: Path) -> str:
+    """The format an output path asks for by its extension: ``.nii``/``.nii.gz`` NIfTI, else h5."""
+    return "nifti" if path.name.endswith((".nii", ".nii.gz")) else "h5"
