@@ -42,12 +42,12 @@ def batch_dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (u.conj() * v).flatten(1).sum(dim=1)
 
 
-def batch_norm(u: torch.Tensor) -> torch.Tensor:
+def batch_vector_norm(u: torch.Tensor) -> torch.Tensor:
     """Euclidean norm of each item: ``(batch, ...)`` -> real ``(batch,)``."""
     return torch.linalg.vector_norm(u.flatten(1), dim=1)
 
 
-def _per_item(scalar: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_item(scalar: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape ``(batch,)`` to ``(batch, 1, ..., 1)`` so that it broadcasts against ``like``."""
     return scalar.reshape(scalar.shape + (1,) * (like.ndim - 1))
 
@@ -63,6 +63,7 @@ def conjugate_gradient(
     x0: torch.Tensor | None = None,
     max_iter: int = 50,
     tol: float = 1e-6,
+    callback: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> CGResult:
     """Solve ``op(x) = b`` per batch item by conjugate gradient.
 
@@ -72,6 +73,8 @@ def conjugate_gradient(
         x0: initial guess shaped like ``b`` (zeros when ``None``).
         max_iter: most iterations (0 returns ``x0``).
         tol: stop an item when ``||b - op(x)|| / ||b|| < tol``.
+        callback: called after every iteration with the iterate ``x`` and its residual ``r``
+            (for example to record another convergence measure).
 
     Returns:
         ``CGResult(solution, history)``: the solution ``(batch, ...)`` and the relative residual
@@ -92,7 +95,7 @@ def conjugate_gradient(
     r = b - op(x) if x0 is not None else b
     p = r
     rs = batch_dot(r, r).real
-    b_norm = batch_norm(b)
+    b_norm = batch_vector_norm(b)
     b_norm = torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
     active = rs.sqrt() / b_norm >= tol
     history = []
@@ -102,15 +105,17 @@ def conjugate_gradient(
         ap = op(p)
         pap = batch_dot(p, ap).real
         step = active & (pap > 0)
-        alpha = _per_item(_safe_divide(rs, pap, step), b)
+        alpha = per_item(_safe_divide(rs, pap, step), b)
         x = x + alpha * p
         r = r - alpha * ap
         rs_new = batch_dot(r, r).real
-        beta = _per_item(_safe_divide(rs_new, rs, step), b)
-        p = torch.where(_per_item(step, b), r + beta * p, p)
+        beta = per_item(_safe_divide(rs_new, rs, step), b)
+        p = torch.where(per_item(step, b), r + beta * p, p)
         rs = torch.where(step, rs_new, rs)
         relative = rs.sqrt() / b_norm
         history.append(relative)
+        if callback is not None:
+            callback(x, r)
         active = step & (relative >= tol)
     stacked = torch.stack(history) if history else b_norm.new_zeros((0, b.shape[0]))
     return CGResult(x, stacked)
