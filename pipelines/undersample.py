@@ -12,6 +12,7 @@ fastMRI's challenge files).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from kscan.physics.masks import MASK_KINDS, Mask, apply_mask, make_mask, seed_fr
 from kscan.pipelines.batch_paths import output_pairs
 from kscan.pipelines.cli_args import add_quiet
 from kscan.pipelines.io.fastmri import FastMRIFile, write_fastmri
+from kscan.pipelines.provenance import provenance_record
 
 
 def volume_mask(
@@ -54,8 +56,17 @@ def undersample_file(
     seed: int | None = None,
     drop_target: bool = False,
 ) -> Mask:
-    """Write the undersampled, test-style version of ``src`` to ``dst``; returns the mask used."""
+    """Write the undersampled, test-style version of ``src`` to ``dst``; returns the mask used.
+
+    The provenance record (mask kind, acceleration, centre fraction, seed, the input's SHA-256) is
+    stored as the JSON attribute ``kscan_provenance``.
+    """
     src = Path(src)
+    provenance = provenance_record(
+        model=f"{kind} mask",
+        parameters={"acceleration": acceleration, "center_fraction": center_fraction, "seed": seed},
+        inputs=[src],
+    )
     with FastMRIFile(src) as f:
         meta = f.metadata
         volume = f.read_volume()
@@ -82,6 +93,7 @@ def undersample_file(
             num_low_frequency=mask.center_lines,
             segmentation=volume.get("segmentation"),
             sensitivity_map=volume.get("sensitivity_map") if meta.multicoil else None,
+            attrs={"kscan_provenance": json.dumps(provenance)},
         )
     return mask
 

@@ -77,11 +77,6 @@ class CalgaryFile(H5VolumeFile):
             self.close()
             raise
 
-    @property
-    def num_slices(self) -> int:
-        """Number of slices in the volume."""
-        return self.metadata.num_slices
-
     def _check_layout(self) -> CalgaryMetadata:
         kspace = self._dataset(KSPACE)
         if not np.issubdtype(kspace.dtype, np.floating):

@@ -73,6 +73,11 @@ class H5VolumeFile:
         except OSError as err:
             raise FileFormatError(f"{self.path}: not a readable HDF5 file ({err})") from err
 
+    @property
+    def num_slices(self) -> int:
+        """Number of slices in the volume (from the subclass's ``metadata``)."""
+        return self.metadata.num_slices
+
     def close(self) -> None:
         """Close the HDF5 file (idempotent)."""
         self._file.close()
@@ -193,11 +198,6 @@ class FastMRIFile(H5VolumeFile):
         except BaseException:
             self.close()
             raise
-
-    @property
-    def num_slices(self) -> int:
-        """Number of slices in the volume."""
-        return self.metadata.num_slices
 
     @property
     def attrs(self) -> dict[str, Any]:
