@@ -64,10 +64,12 @@ def selective_scan_reference(
         else u.new_zeros(u.shape[0], channels, A.shape[1])
     )
     ys = []
-    for t in range(u.shape[-1]):
-        decay = torch.exp(delta[:, :, t, None] * A)
-        h = decay * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[..., t]
-        ys.append((h * C[..., t]).sum(-1))
+    # unbind once: indexing [..., t] in the loop would make autograd allocate a full-size gradient
+    # of B and C at every step.
+    steps = zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1), strict=True)
+    for delta_t, u_t, b_t, c_t in steps:
+        h = torch.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * b_t
+        ys.append((h * c_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + D.to(compute)[:, None] * u

@@ -16,6 +16,7 @@ from kscan.errors import KscanError
 from kscan.pipelines import (
     bench_io,
     bench_physics,
+    bench_scan,
     convert_cmd,
     demo,
     evaluate,
@@ -28,7 +29,7 @@ from kscan.pipelines import (
 COMMANDS = (demo, simulate, undersample, reconstruct, convert_cmd, evaluate, info)
 """Modules with a ``register(subparsers)`` function, one per subcommand, in ``--help`` order."""
 
-BENCHMARKS = (bench_physics, bench_io)
+BENCHMARKS = (bench_physics, bench_io, bench_scan)
 """Modules registering a ``kscan bench SUITE`` subcommand."""
 
 

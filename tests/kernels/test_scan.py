@@ -1,0 +1,234 @@
+"""The public ``selective_scan`` and its ``torch`` backend against the sequential reference."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from kscan.errors import ConfigError, ShapeError
+from kscan.kernels import scan_mamba_ssm, selective_scan
+from kscan.kernels.scan import ENV_VAR, resolve_backend
+from kscan.kernels.scan_reference import selective_scan_reference
+from kscan.kernels.scan_torch import selective_scan_torch
+
+FLOAT32_TOL = dict(rtol=6e-4, atol=2e-3)  # mamba-ssm's published tolerances
+BF16_TOL = dict(rtol=3e-2, atol=5e-2)
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(
+    batch: int,
+    channels: int,
+    n: int,
+    length: int,
+    groups: int | None,
+    extras: bool,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Leaf tensors; ``groups=None`` gives the 3D ``(batch, N, L)`` B/C form; ``extras`` adds
+    ``D, z, delta_bias, initial_state``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+    bc = (batch, n, length) if groups is None else (batch, groups, n, length)
+    x = {
+        "u": randn(batch, channels, length),
+        "delta": randn(batch, channels, length, scale=0.5),
+        "A": -torch.rand(channels, n, generator=gen, dtype=torch.float64).add(0.2).to(dtype),
+        "B": randn(*bc),
+        "C": randn(*bc),
+    }
+    if extras:
+        x.update(
+            D=randn(channels),
+            z=randn(batch, channels, length),
+            delta_bias=randn(channels, scale=0.5),
+            initial_state=randn(batch, channels, n),
+        )
+    else:  # delta is used without softplus: keep it positive
+        x["delta"] = x["delta"].abs()
+    return {k: v.requires_grad_() for k, v in x.items()}
+
+
+def run_with_grads(fn, x: dict[str, torch.Tensor], seed: int = 1, **kw):
+    """``y``, last state and the gradients of a random linear function of both."""
+    y, last = fn(**x, delta_softplus="delta_bias" in x, return_last_state=True, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=gen).to(y.dtype)
+    gl = torch.randn(last.shape, generator=gen).to(last.dtype)
+    grads = torch.autograd.grad(
+        (y * gy).float().sum() + (last * gl).float().sum(), list(x.values())
+    )
+    return y, last, dict(zip(x, grads, strict=True))
+
+
+def assert_match(x, fn, tol, **kw) -> None:
+    y_ref, last_ref, g_ref = run_with_grads(selective_scan_reference, x)
+    y, last, g = run_with_grads(fn, x, **kw)
+    assert y.dtype == x["u"].dtype
+    torch.testing.assert_close(y.float(), y_ref.float(), **tol)
+    torch.testing.assert_close(last.float(), last_ref.float(), **tol)
+    for name in x:
+        assert g[name].shape == x[name].shape and g[name].dtype == x[name].dtype, name
+        torch.testing.assert_close(g[name].float(), g_ref[name].float(), **tol, msg=name)
+
+
+CASES = [  # batch, D, N, L, groups, extras, chunk
+    (2, 4, 4, 1, None, False, 64),
+    (2, 4, 4, 1, 2, True, 8),
+    (1, 6, 1, 37, None, True, 8),
+    (2, 8, 16, 100, 2, True, 64),
+    (1, 8, 4, 50, 4, False, 16),
+    (2, 4, 16, 24, None, False, 8),
+    (1, 4, 4, 130, 1, True, 64),
+]
+
+
+@pytest.mark.parametrize("batch, channels, n, length, groups, extras, chunk", CASES)
+def test_torch_backend_matches_reference_float32(batch, channels, n, length, groups, extras, chunk):
+    x = make_inputs(batch, channels, n, length, groups, extras)
+    assert_match(x, selective_scan_torch, FLOAT32_TOL, chunk=chunk)
+
+
+def test_public_function_matches_reference_with_default_chunk():
+    x = make_inputs(2, 8, 16, 200, 4, True, seed=3)
+    assert_match(x, selective_scan, FLOAT32_TOL)
+
+
+@pytest.mark.slow
+def test_long_sequence_matches_reference():
+    x = make_inputs(1, 4, 16, 4096, None, True, seed=4)
+    assert_match(x, selective_scan_torch, FLOAT32_TOL)
+
+
+def test_bfloat16_inputs_match_reference():
+    x = make_inputs(2, 4, 4, 40, 2, True, dtype=torch.bfloat16, seed=5)
+    assert_match(x, selective_scan_torch, BF16_TOL, chunk=16)
+
+
+@pytest.mark.parametrize("groups, extras", [(None, True), (2, True), (None, False)])
+def test_gradcheck_float64(groups, extras):
+    x = make_inputs(1, 4, 2, 7, groups, extras, dtype=torch.float64, seed=6)
+    names = list(x)
+
+    def fn(*tensors):
+        kw = dict(zip(names, tensors, strict=True))
+        return selective_scan_torch(**kw, delta_softplus=extras, return_last_state=True, chunk=3)
+
+    assert torch.autograd.gradcheck(fn, tuple(x.values()))
+
+
+def test_float64_agrees_to_rounding_error():
+    x = make_inputs(2, 4, 3, 45, 2, True, dtype=torch.float64, seed=7)
+    assert_match(x, selective_scan_torch, dict(rtol=1e-10, atol=1e-10), chunk=8)
+
+
+def test_stable_when_decays_underflow():
+    """exp(A * cumsum(delta)) reaches 0 over a chunk; nothing is divided by it."""
+    x = make_inputs(1, 4, 4, 300, None, False, dtype=torch.float64, seed=8)
+    with torch.no_grad():
+        x["A"].mul_(40.0)
+        x["delta"].mul_(20.0)
+    y, last = selective_scan_torch(**x, return_last_state=True)
+    y_ref, last_ref = selective_scan_reference(**x, return_last_state=True)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(last, last_ref)
+
+
+def test_saves_chunk_states_not_every_state():
+    batch, channels, n, length = 1, 32, 16, 1024
+    x = make_inputs(batch, channels, n, length, None, True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel()) or t, lambda t: t
+    ):
+        selective_scan_torch(**x, delta_softplus=True)
+    assert max(saved) <= batch * channels * length * n // 16
+
+
+def test_initial_state_continues_a_split_sequence():
+    x = make_inputs(1, 4, 4, 60, None, False, dtype=torch.float64, seed=9)
+    x = {k: v.detach() for k, v in x.items()}
+    first = {k: v[..., :25] if k != "A" else v for k, v in x.items()}
+    second = {k: v[..., 25:] if k != "A" else v for k, v in x.items()}
+    y1, h1 = selective_scan_torch(**first, return_last_state=True, chunk=8)
+    y2, h2 = selective_scan_torch(**second, initial_state=h1, return_last_state=True, chunk=8)
+    y, h = selective_scan_torch(**x, return_last_state=True, chunk=8)
+    torch.testing.assert_close(torch.cat([y1, y2], -1), y)
+    torch.testing.assert_close(h2, h)
+
+
+def test_cpu_default_is_torch_and_backend_argument_wins(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert resolve_backend(torch.device("cpu"))[0] == "torch"
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert resolve_backend(torch.device("cpu"))[0] == "reference"
+    assert resolve_backend(torch.device("cpu"), "torch")[0] == "torch"
+
+
+def test_env_var_forces_the_reference(monkeypatch):
+    x = {k: v.detach() for k, v in make_inputs(1, 4, 4, 20, None, True, seed=10).items()}
+    monkeypatch.setenv(ENV_VAR, "reference")
+    y = selective_scan(**x, delta_softplus=True)
+    assert torch.equal(y, selective_scan_reference(**x, delta_softplus=True))
+
+
+def test_unknown_backend_names_its_source(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    with pytest.raises(ConfigError, match=ENV_VAR):
+        resolve_backend(torch.device("cpu"))
+    with pytest.raises(ConfigError, match="backend is 'fast'"):
+        resolve_backend(torch.device("cpu"), "fast")
+
+
+def test_forcing_triton_without_its_module_says_what_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kscan.kernels.scan_triton", None)
+    with pytest.raises(ConfigError, match="triton backend needs .*TRITON_INTERPRET=1"):
+        resolve_backend(torch.device("cpu"), "triton")
+
+
+@pytest.mark.skipif(scan_mamba_ssm.mamba_ssm_available(), reason="mamba-ssm is installed")
+def test_forcing_mamba_ssm_without_it_says_what_is_missing():
+    x = {k: v.detach() for k, v in make_inputs(1, 4, 4, 20, None, False).items()}
+    with pytest.raises(
+        ConfigError, match=r"mamba-ssm's compiled extension \(pip install 'kscan\[cuda\]'\)"
+    ):
+        selective_scan(**x, backend="mamba_ssm")
+
+
+def _replace(x: dict[str, torch.Tensor], **changes) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in {**x, **changes}.items()}
+
+
+BAD = {
+    "u": torch.zeros(2, 4),
+    "delta": torch.zeros(2, 4, 9),
+    "A": torch.zeros(3, 4),
+    "B": torch.zeros(2, 3, 10),  # N=3, but A has N=4
+    "C": torch.zeros(2, 3, 4, 10),  # 3 groups do not divide D=4
+    "D": torch.zeros(5),
+    "z": torch.zeros(2, 4, 11),
+    "delta_bias": torch.zeros(4, 1),
+    "initial_state": torch.zeros(2, 4, 5),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_shape_names_the_argument(name):
+    x = make_inputs(2, 4, 4, 10, None, True)
+    with pytest.raises(ShapeError, match=rf"^selective_scan: {name} has shape"):
+        selective_scan(**_replace(x, **{name: BAD[name]}))
+
+
+def test_integer_and_complex_inputs_are_rejected():
+    x = make_inputs(1, 4, 4, 10, None, False)
+    with pytest.raises(ShapeError, match="u is torch.int64"):
+        selective_scan(**_replace(x, u=torch.zeros(1, 4, 10, dtype=torch.long)))
+    with pytest.raises(ShapeError, match="A is torch.complex64"):
+        selective_scan(**_replace(x, A=torch.zeros(4, 4, dtype=torch.complex64)))

@@ -1,0 +1,65 @@
+"""``kscan bench scan`` at tiny sizes: the report's structure and consistency (never its times)."""
+
+import json
+
+import pytest
+import torch
+
+from kscan.kernels import scan_torch
+from kscan.kernels.scan_torch import selective_scan_torch
+from kscan.pipelines import bench_scan, cli
+
+TINY = [
+    "bench",
+    "scan",
+    "--batch",
+    "1",
+    "--channels",
+    "4",
+    "--state",
+    "2",
+    "--length",
+    "64",
+    "--vmunet-channels",
+    "8",
+    "--repeats",
+    "1",
+]
+
+
+def test_bench_scan_tiny_report(tmp_path, capsys):
+    out = tmp_path / "bench" / "scan.json"
+    assert cli.main([*TINY, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "forward+backward" in printed and f"wrote {out}" in printed
+
+    report = json.loads(out.read_text())
+    assert set(report) == {"machine", "speed", "memory"}
+    assert len(report["speed"]) == 3
+    for row in report["speed"]:
+        assert {"torch", "reference"} <= set(row["times"])
+        assert set(row["met"]) == set(row["speedup_over"]) <= {"reference", "mambapy"}
+        for peer, speedup in row["speedup_over"].items():
+            ratio = row["times"][peer]["median_s"] / row["times"]["torch"]["median_s"]
+            assert speedup == pytest.approx(ratio)
+            assert row["met"][peer] == (speedup >= row["target_speedup"][peer])
+    memory = report["memory"]
+    assert memory["state_tensor_bytes"] == 1 * 4 * 64 * 2 * 4
+    assert set(memory["results"]) == {"forward", "saved for backward", "backward"}
+    for name, r in memory["results"].items():
+        assert r["extra_bytes"] >= 0, name
+        assert r["met"] == (r["extra_fraction_of_state"] <= 1 / 8)
+    # what a forward keeps: one (batch, D, N) float32 state per chunk
+    chunks = -(-64 // scan_torch.CHUNK)
+    assert memory["results"]["saved for backward"]["extra_bytes"] == 1 * 4 * chunks * 2 * 4
+
+
+def test_peak_memory_meter_counts_what_stays_alive():
+    x = list(bench_scan.make_inputs(1, 4, 2, 32).values())
+    assert bench_scan.peak_bytes(lambda: torch.zeros(1000), x) == (4000, 4000)
+    assert bench_scan.peak_bytes(lambda: torch.zeros(1000).sum(), x) == (4004, 4)
+    with torch.no_grad():
+        _, kept = bench_scan.peak_bytes(lambda: selective_scan_torch(*x), x)
+    assert kept == 1 * 4 * 32 * 4  # y
+    _, kept = bench_scan.peak_bytes(lambda: selective_scan_torch(*x), x)
+    assert kept == 1 * 4 * 32 * 4 + 1 * 4 * 1 * 2 * 4  # y and the one saved chunk-start state
