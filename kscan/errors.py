@@ -6,6 +6,10 @@ was found and what was expected. The ``kscan`` command prints that line and exit
 without a traceback.
 """
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 
 class KscanError(Exception):
     """Base class of every error caused by bad input to kscan."""
@@ -29,3 +33,19 @@ class ConfigError(KscanError, ValueError):
 
 class FileFormatError(KscanError, OSError):
     """A file that is missing, unreadable or not laid out as its format requires."""
+
+
+@contextlib.contextmanager
+def about_file(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Prefix the message of a kscan error raised inside the block with ``path``, unless it names it.
+
+    Batch commands wrap the work on each input file in this, so that an error raised deep inside
+    (say, NaN in k-space found by a solver) still names the file it came from.
+    """
+    try:
+        yield
+    except KscanError as err:
+        name = str(path)
+        if name in str(err):
+            raise
+        raise type(err)(f"{name}: {err}") from None

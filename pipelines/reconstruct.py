@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kscan.errors import ConfigError
+from kscan.errors import ConfigError, about_file
 from kscan.physics import solvers
 from kscan.physics.coilmaps import acs_maps, center_lines, espirit_maps
 from kscan.physics.masks import MASK_KINDS, apply_mask
@@ -278,7 +278,8 @@ def _main(args: argparse.Namespace) -> None:
     output_format = args.format or output_format_of(Path(args.output))
     pairs = output_pairs(args.input, args.output, FORMATS[output_format])
     for src, dst in tqdm(pairs, desc="reconstructing", disable=args.quiet):
-        recon = reconstruct_file(src, settings, dev, quiet=args.quiet)
+        with about_file(src):
+            recon = reconstruct_file(src, settings, dev, quiet=args.quiet)
         record = provenance_record(
             model=settings.method, parameters=asdict(settings) | {"device": str(dev)}, inputs=[src]
         )

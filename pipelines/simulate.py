@@ -64,7 +64,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from tqdm import tqdm
 
-from kscan.errors import ConfigError, FileFormatError, KscanError, ShapeError
+from kscan.errors import ConfigError, FileFormatError, ShapeError, about_file
 from kscan.pipelines.anatomy import TISSUE_CLASSES
 from kscan.pipelines.atomic import write_json
 from kscan.pipelines.cli_args import add_quiet, add_seed, int_pair
@@ -443,10 +443,8 @@ def simulate_from_image(
     }
 
     def simulate(rng: np.random.Generator) -> SimulatedVolume:
-        try:
+        with about_file(path):
             return from_magnitude(stack, coils, rng, snr_db, 0, shape_kspace)
-        except KscanError as err:
-            raise type(err)(f"{path}: {err}") from None
 
     plan = _Plan(
         out_dir=Path(out_dir),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from kscan.errors import about_file
 from kscan.physics.masks import MASK_KINDS, Mask, apply_mask, make_mask, seed_from_name
 from kscan.pipelines.batch_paths import output_pairs
 from kscan.pipelines.cli_args import add_quiet
@@ -136,15 +137,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> None:
     pairs = output_pairs(args.input, args.output, ".h5")
     for src, dst in tqdm(pairs, desc="undersampling", disable=args.quiet):
-        mask = undersample_file(
-            src,
-            dst,
-            args.mask,
-            args.acceleration,
-            args.center_fraction,
-            args.seed,
-            args.drop_target,
-        )
+        with about_file(src):
+            mask = undersample_file(
+                src,
+                dst,
+                args.mask,
+                args.acceleration,
+                args.center_fraction,
+                args.seed,
+                args.drop_target,
+            )
         tqdm.write(
             f"{dst}: {args.mask} mask, acceleration {mask.acceleration:.2f}, {mask.center_lines} centre lines"
         )

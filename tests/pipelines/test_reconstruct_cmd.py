@@ -118,3 +118,14 @@ def test_reconstruct_to_nifti_and_dicom(dataset, tmp_path):
     series = read_series(tmp_path / "series" / "b")
     np.testing.assert_allclose(series.affine, nifti.affine, atol=1e-4)
     np.testing.assert_allclose(series.array, nifti.array, atol=1e-3 * float(nifti.array.max()))
+
+
+def test_nan_kspace_error_names_the_file(tmp_path, capsys):
+    vol = simulate_volume((96, 80), (64, 64), slices=1, coils=4, seed=0)
+    path = tmp_path / "nan.h5"
+    write_fastmri(path, vol.kspace, vol.target)
+    with h5py.File(path, "r+") as f:
+        f["kspace"][0, 0, 3, 3] = np.nan
+    assert main(["reconstruct", str(path), str(tmp_path / "o.h5"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "NaN" in err
