@@ -27,14 +27,9 @@ Defaults were chosen on the simulated 128x128, 8-coil phantom (noise 0.01) of
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import ptwt
-import pywt
 import torch
 
 from kscan.errors import ConfigError, ShapeError
@@ -42,7 +37,9 @@ from kscan.physics.cg import batch_dot, batch_vector_norm, conjugate_gradient, p
 from kscan.physics.checks import require_complex, require_finite, require_ndim
 from kscan.physics.coils import rss
 from kscan.physics.fft import ifft2c
+from kscan.physics.finite_difference import finite_difference, finite_difference_adjoint
 from kscan.physics.sense import SenseOperator, check_mask
+from kscan.physics.wavelets import Wavelet2d
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -238,94 +235,7 @@ def cg_sense(
 
 
 # ---------------------------------------------------------------------------------------------
-# Wavelets
-
-
-@contextmanager
-def _quiet_sparse_warnings() -> Iterator[None]:
-    """Silence torch's notices about beta sparse support, raised when ptwt builds its matrices."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse (CSR tensor support|invariant checks)")
-        yield
-
-
-class Wavelet2d:
-    """Orthogonal 2D wavelet transform of complex images ``(batch, H, W)`` via ptwt's matrix FWT.
-
-    ptwt's convolution transform (``ptwt.wavedec2``) pads the boundary and is redundant, so it is
-    not orthogonal. Its matrix transform (``ptwt.MatrixWavedec2``) uses boundary wavelets
-    orthogonalised by QR: with an orthogonal wavelet and ``H``, ``W`` divisible by ``2**levels``
-    it is an orthogonal matrix ``W``; otherwise ptwt pads odd intermediate sizes and ``W`` is an
-    isometry (``W^T W = I``, a tight frame) whose synthesis is still its exact adjoint. The real
-    and imaginary parts are transformed alike.
-
-    ``forward`` returns the coefficients flattened to ``(batch, N)`` complex, the ``H' x W'``
-    approximation band first (``num_approx`` of them); ``adjoint`` is ``W^T``.
-    """
-
-    def __init__(self, shape: tuple[int, int], wavelet: str = "db4", levels: int = 4) -> None:
-        try:
-            self.wavelet = pywt.Wavelet(wavelet)
-        except ValueError:
-            raise ConfigError(
-                f"wavelet: unknown wavelet {wavelet!r}; expected a pywt name such as 'db4'"
-            ) from None
-        if not self.wavelet.orthogonal:
-            raise ConfigError(
-                f"wavelet: {wavelet!r} is not orthogonal; expected e.g. 'haar', 'db4', 'sym8'"
-            )
-        deepest = self.max_levels(shape, self.wavelet.dec_len)
-        if not 1 <= levels <= deepest:
-            raise ShapeError(
-                f"levels: expected 1 to {deepest} for images of shape {tuple(shape)} and {wavelet}, got {levels}"
-            )
-        self.shape = shape
-        self._decompose = ptwt.MatrixWavedec2(self.wavelet, level=levels, orthogonalization="qr")
-        self._reconstruct = ptwt.MatrixWaverec2(self.wavelet, orthogonalization="qr")
-        self._layout: list[tuple[int, ...]] | None = None
-
-    @staticmethod
-    def max_levels(shape: tuple[int, int], filter_length: int) -> int:
-        """Deepest decomposition with every band at least ``filter_length`` wide before it is split."""
-        h, w = shape
-        levels = 0
-        while h >= filter_length and w >= filter_length:
-            h, w, levels = math.ceil(h / 2), math.ceil(w / 2), levels + 1
-        return levels
-
-    @property
-    def num_approx(self) -> int:
-        """Number of approximation coefficients (known after the first ``forward``)."""
-        if self._layout is None:
-            raise RuntimeError("Wavelet2d.num_approx: call forward first")
-        return math.prod(self._layout[0][-2:])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``W x``: complex ``(batch, H, W)`` -> complex coefficients ``(batch, N)``."""
-        parts = torch.stack([x.real, x.imag], dim=1)
-        with _quiet_sparse_warnings():
-            coeffs = self._decompose(parts)
-        bands = [coeffs[0]] + [band for detail in coeffs[1:] for band in detail]
-        self._layout = [tuple(band.shape[1:]) for band in bands]
-        flat = torch.cat([band.flatten(2) for band in bands], dim=2)
-        return torch.complex(flat[:, 0], flat[:, 1])
-
-    def adjoint(self, c: torch.Tensor) -> torch.Tensor:
-        """``W^T c``: complex ``(batch, N)`` -> complex ``(batch, H, W)``."""
-        if self._layout is None:
-            raise RuntimeError(
-                "Wavelet2d.adjoint: call forward first to fix the coefficient layout"
-            )
-        flat = torch.stack([c.real, c.imag], dim=1)
-        sizes = [math.prod(shape[-2:]) for shape in self._layout]
-        bands = [
-            chunk.reshape(c.shape[0], *shape)
-            for chunk, shape in zip(flat.split(sizes, dim=2), self._layout, strict=True)
-        ]
-        details = [tuple(bands[i : i + 3]) for i in range(1, len(bands), 3)]
-        with _quiet_sparse_warnings():
-            parts = self._reconstruct([bands[0], *details])
-        return torch.complex(parts[:, 0], parts[:, 1])
+# Compressed sensing: L1-wavelet
 
 
 def cs_wavelet(
@@ -379,38 +289,7 @@ def cs_wavelet(
 
 
 # ---------------------------------------------------------------------------------------------
-# Total variation
-
-
-def _forward_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x[i+1] - x[i]`` along ``dim``, 0 at the last index (Neumann boundary)."""
-    n = x.shape[dim]
-    diff = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)
-    return torch.cat([diff, torch.zeros_like(x.narrow(dim, 0, 1))], dim=dim)
-
-
-def _forward_difference_adjoint(g: torch.Tensor, dim: int) -> torch.Tensor:
-    """Adjoint of :func:`_forward_difference`: ``g[i-1] - g[i]`` with ``g[-1] = g[n-1] = 0``."""
-    n = g.shape[dim]
-    inner = g.narrow(dim, 0, n - 1)
-    zero = torch.zeros_like(g.narrow(dim, 0, 1))
-    return torch.cat([zero, inner], dim=dim) - torch.cat([inner, zero], dim=dim)
-
-
-def finite_difference(x: torch.Tensor) -> torch.Tensor:
-    """Image gradient ``D x``: ``(batch, H, W)`` -> ``(batch, 2, H, W)`` (along H, then along W).
-
-    Forward differences ``x[i+1] - x[i]`` with the Neumann boundary condition: the difference at
-    the last row (column) is 0.
-    """
-    return torch.stack([_forward_difference(x, -2), _forward_difference(x, -1)], dim=-3)
-
-
-def finite_difference_adjoint(g: torch.Tensor) -> torch.Tensor:
-    """``D^H g`` (minus the discrete divergence): ``(batch, 2, H, W)`` -> ``(batch, H, W)``."""
-    return _forward_difference_adjoint(g[..., 0, :, :], -2) + _forward_difference_adjoint(
-        g[..., 1, :, :], -1
-    )
+# Compressed sensing: total variation
 
 
 def _gradient_magnitude(g: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pywt
 import torch
 
 from kscan.errors import ConfigError, InvalidDataError, MaskError, ShapeError
-from kscan.physics import solvers
+from kscan.physics import finite_difference, solvers, wavelets
 from kscan.physics.sense import SenseOperator
 from kscan.pipelines.synthetic import simulate_multicoil
 
@@ -135,7 +135,7 @@ def test_cg_sense_beats_zero_filled_at_4x_with_a_non_increasing_history(phantom)
 
 
 def test_wavelet_transform_is_orthogonal_and_reconstructs() -> None:
-    transform = solvers.Wavelet2d((16, 16), "db4", levels=2)
+    transform = wavelets.Wavelet2d((16, 16), "db4", levels=2)
     basis = torch.eye(256, dtype=C128).reshape(256, 16, 16)
     matrix = transform.forward(basis)  # row i: W e_i, so this is W^T
     torch.testing.assert_close(matrix @ matrix.mH, torch.eye(256, dtype=C128), rtol=0, atol=1e-12)
@@ -145,7 +145,7 @@ def test_wavelet_transform_is_orthogonal_and_reconstructs() -> None:
 
 
 def test_wavelet_tight_frame_on_sizes_not_divisible_by_two_to_the_levels() -> None:
-    transform = solvers.Wavelet2d((30, 26), "db4", levels=2)
+    transform = wavelets.Wavelet2d((30, 26), "db4", levels=2)
     x = crandn(2, 30, 26, seed=4)
     c = transform.forward(x)
     assert c.shape[1] >= 30 * 26
@@ -158,7 +158,7 @@ def test_wavelet_tight_frame_on_sizes_not_divisible_by_two_to_the_levels() -> No
 
 def test_haar_coefficients_match_pywavelets_periodization() -> None:
     x = crandn(1, 16, 16, seed=6)
-    transform = solvers.Wavelet2d((16, 16), "haar", levels=2)
+    transform = wavelets.Wavelet2d((16, 16), "haar", levels=2)
     ours = transform.forward(x)[0].numpy()
     ref = pywt.wavedec2(x[0].numpy(), "haar", mode="periodization", level=2)
     # ptwt orders each level's detail bands (vertical, horizontal, diagonal) in pywt's terms.
@@ -175,7 +175,7 @@ def test_cs_wavelet_with_full_sampling_is_soft_thresholding() -> None:
     lam = 0.05
     result = solvers.cs_wavelet(kspace, mask, maps, lam=lam, levels=2, max_iter=200, tol=1e-13)
     zf = solvers.zero_filled(kspace, mask, maps).image
-    transform = solvers.Wavelet2d((16, 16), "db4", levels=2)
+    transform = wavelets.Wavelet2d((16, 16), "db4", levels=2)
     c = transform.forward(zf)[0]
     tau = lam * zf.abs().max()
     shrunk = c * torch.clamp(c.abs() - tau, min=0) / c.abs()
@@ -208,7 +208,7 @@ def test_cs_wavelet_reduces_the_error_at_8x(phantom_8x) -> None:
 
 def test_finite_differences_match_numpy_and_their_adjoint() -> None:
     x = crandn(2, 7, 5, seed=10)
-    d = solvers.finite_difference(x)
+    d = finite_difference.finite_difference(x)
     assert d.shape == (2, 2, 7, 5)
     xn = x.numpy()
     np.testing.assert_allclose(d[:, 0, :-1].numpy(), np.diff(xn, axis=1), rtol=0, atol=1e-14)
@@ -216,7 +216,7 @@ def test_finite_differences_match_numpy_and_their_adjoint() -> None:
     assert bool((d[:, 0, -1] == 0).all()) and bool((d[:, 1, :, -1] == 0).all())
     g = crandn(2, 2, 7, 5, seed=11)
     lhs = (d.conj() * g).sum()
-    rhs = (x.conj() * solvers.finite_difference_adjoint(g)).sum()
+    rhs = (x.conj() * finite_difference.finite_difference_adjoint(g)).sum()
     torch.testing.assert_close(lhs, rhs, rtol=1e-13, atol=1e-13)
 
 
