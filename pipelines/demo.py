@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
@@ -63,43 +62,38 @@ def run(
     target = phantom.image.abs().unsqueeze(0)
     kspace = phantom.kspace.unsqueeze(0).to(dev)
     rows: list[dict[str, Any]] = []
-    jobs = [(s, name) for s in SETTINGS for name in METHODS]
-    masked_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
-    for setting, name in tqdm(jobs, desc="reconstructing", disable=quiet):
-        key = id(setting)
-        if key not in masked_cache:
-            mask = make_mask(
-                setting["mask"],
-                (size, size),
-                acceleration=setting["acceleration"],
-                center_fraction=setting["center_fraction"],
-                seed=seed,
-            )
-            m = mask.mask.to(dev)
-            masked = apply_mask(kspace, m)
-            coil_maps = (
-                espirit_maps(masked, mask=m)
-                if maps == "espirit"
-                else phantom.maps.unsqueeze(0).to(dev)
-            )
-            masked_cache[key] = (masked, m, coil_maps, mask.acceleration)
-        masked, m, coil_maps, achieved = masked_cache[key]
-        start = time.perf_counter()
-        result = METHODS[name](masked, m, coil_maps)
-        seconds = time.perf_counter() - start
-        scores = reconstruction_metrics(target, result.image.abs().cpu())
-        rows.append(
-            {
-                "mask": setting["mask"],
-                "acceleration": setting["acceleration"],
-                "achieved_acceleration": achieved,
-                "center_fraction": setting["center_fraction"],
-                "method": name,
-                **scores,
-                "iterations": result.iterations,
-                "seconds": seconds,
-            }
+    progress = tqdm(total=len(SETTINGS) * len(METHODS), desc="reconstructing", disable=quiet)
+    for setting in SETTINGS:
+        mask = make_mask(
+            setting["mask"],
+            (size, size),
+            acceleration=setting["acceleration"],
+            center_fraction=setting["center_fraction"],
+            seed=seed,
         )
+        m = mask.mask.to(dev)
+        masked = apply_mask(kspace, m)
+        true_maps = phantom.maps.unsqueeze(0).to(dev)
+        coil_maps = espirit_maps(masked, mask=m) if maps == "espirit" else true_maps
+        for name, method in METHODS.items():
+            start = time.perf_counter()
+            result = method(masked, m, coil_maps)
+            seconds = time.perf_counter() - start
+            scores = reconstruction_metrics(target, result.image.abs().cpu())
+            rows.append(
+                {
+                    "mask": setting["mask"],
+                    "acceleration": setting["acceleration"],
+                    "achieved_acceleration": mask.acceleration,
+                    "center_fraction": setting["center_fraction"],
+                    "method": name,
+                    **scores,
+                    "iterations": result.iterations,
+                    "seconds": seconds,
+                }
+            )
+            progress.update()
+    progress.close()
     return {
         "machine": machine_info(dev),
         "phantom": {"size": size, "coils": coils, "seed": seed, "maps": maps},
