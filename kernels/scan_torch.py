@@ -16,6 +16,13 @@ Channel ``d`` and state ``n`` evolve independently, so with ``a_t = exp(Delta_t 
 - **Outputs.** A second local pass from the true chunk-start states gives ``h_t`` and
   ``y_t = sum_n C_t h_t``, again for many chunks at once.
 
+The forward is bound by passes over memory and by per-call overhead, so each step is a few
+in-place calls on contiguous tensors: the states of the stacked chunks are held as
+``(batch, D, N, chunks)`` (``y_t`` then sums ``N`` rows instead of reducing a short innermost
+axis), ``a_t`` goes into one reused buffer, ``Delta_t`` and ``Delta_t u_t`` are gathered a few
+steps at a time, and the chunk states are kept chunk-major so that each state-passing step is
+one ``addcmul`` on a contiguous ``(batch, D, N)`` tensor.
+
 Nothing is ever divided by a decay, so the scan is stable for any ``L``; every step multiplies by
 ``exp(Delta_t A) <= 1``. The work is ``O(batch D L N)`` exponentials (a ``T x T`` decay matrix
 per chunk would cost ``T`` times more) in about ``2 STEP_FRACTION + L / T`` vectorised steps.
@@ -37,6 +44,7 @@ differentiated by torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +55,7 @@ from kscan.kernels.scan_reference import discretize
 CHUNK = 32
 STEP_FRACTION = 64
 HISTORY_FRACTION = 16
+STEP_GROUP = 4
 
 
 @dataclass(frozen=True)
@@ -124,15 +133,16 @@ class _Inputs:
         # exp(x) = exp2(x log2(e)): torch's CPU exp2 is several times faster than its exp
         object.__setattr__(self, "A_log2", self.A * math.log2(math.e))
 
-    def step(self, blk: _Block, t: int) -> tuple[torch.Tensor, ...]:
-        """``dt_t, u_t`` ``(batch, G, D/G, m)``; ``a_t = exp(dt_t A)`` ``(batch, G, D/G, m, N)``;
-        ``B_t, C_t`` ``(batch, G, 1, m, N)``."""
-        dt_t = blk.steps(self.dt)[..., t]
-        u_t = blk.steps(self.u)[..., t]
-        a_t = torch.exp2(dt_t.unsqueeze(-1) * self.A_log2)
-        B_t = blk.rows(self.B)[..., t, :].contiguous().unsqueeze(2)
-        C_t = blk.rows(self.C)[..., t, :].contiguous().unsqueeze(2)
-        return dt_t, u_t, a_t, B_t, C_t
+    def local(self, blk: _Block) -> list[tuple[torch.Tensor, ...]]:
+        """For each step ``t`` of the block's chunks: ``dt_t, u_t`` ``(batch, G, D/G, m)`` (views)
+        and ``B_t, C_t`` ``(batch, G, 1, m, N)`` (contiguous)."""
+        B, C = (blk.rows(v).movedim(-2, 0).unsqueeze(3).contiguous() for v in (self.B, self.C))
+        dt, u = blk.steps(self.dt).unbind(-1), blk.steps(self.u).unbind(-1)
+        return list(zip(dt, u, B, C, strict=True))
+
+    def decay(self, dt_t: torch.Tensor) -> torch.Tensor:
+        """``a_t = exp(dt_t A)`` ``(batch, G, D/G, m, N)`` from ``dt_t`` ``(batch, G, D/G, m)``."""
+        return torch.exp2(dt_t.unsqueeze(-1) * self.A_log2)
 
     def blocks(self, group: int) -> list[_Block]:
         """The chunks in blocks of at most ``group`` chunks."""
@@ -148,11 +158,6 @@ class _Inputs:
         """Chunks whose states the backward holds at once: ``L / HISTORY_FRACTION`` positions."""
         return max(1, self.u.shape[-1] // (HISTORY_FRACTION * self.chunk))
 
-    def advance(self, h: torch.Tensor, blk: _Block, t: int) -> torch.Tensor:
-        """``h <- a_t h + dt_t u_t B_t`` in place; returns ``h``."""
-        dt_t, u_t, a_t, B_t, _ = self.step(blk, t)
-        return h.mul_(a_t).addcmul_((dt_t * u_t).unsqueeze(-1), B_t)
-
     def chunk_decay(self, blk: _Block) -> torch.Tensor:
         """``exp(A * sum_chunk dt)`` ``(batch, G, D/G, m, N)``: the decay across each chunk."""
         return torch.exp2(blk.steps(self.dt).sum(-1).unsqueeze(-1) * self.A_log2)
@@ -164,36 +169,77 @@ def _chunk_states(inp: _Inputs) -> torch.Tensor:
     return inp.u.new_empty(b, G, Dg, len(range(0, L, inp.chunk)), inp.A.shape[-1])
 
 
-def _pass_states(inp: _Inputs, states: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """Turn each chunk's end state from zero, ``states``, into its start state, in place, by
-    ``h_in(c+1) = P(c) h_in(c) + e(c)``; returns the last state."""
-    h = h0
-    for blk in inp.blocks(inp.step_chunks):
-        decay = inp.chunk_decay(blk)
-        for i in range(blk.m):
-            end = states[..., blk.c0 + i, :].clone()
-            states[..., blk.c0 + i, :] = h
-            h = end.addcmul_(decay[..., i, :], h)
-    return h
+def _local_steps(inp: _Inputs, blk: _Block) -> Iterator[tuple[torch.Tensor, ...]]:
+    """For each step ``t`` of the block's chunks, in the forward's state layout
+    ``(batch, G, D/G, N, m)``: ``dt_t`` and ``x_t = dt_t u_t`` ``(batch, G, D/G, 1, m)``,
+    ``B_t`` and ``C_t`` ``(batch, G, 1, N, m)``, all contiguous (``dt`` and ``x`` are gathered
+    ``STEP_GROUP`` steps at a time, which bounds their memory)."""
+    B, C = (blk.rows(v).permute(3, 0, 1, 4, 2).unsqueeze(3).contiguous() for v in (inp.B, inp.C))
+    for t0 in range(0, blk.T, STEP_GROUP):
+        group = slice(t0, t0 + STEP_GROUP)
+        dt, u = (blk.steps(v)[..., group].movedim(-1, 0) for v in (inp.dt, inp.u))
+        dt = dt.unsqueeze(-2).contiguous()
+        x = dt * u.unsqueeze(-2)
+        yield from zip(
+            dt.unbind(0), x.unbind(0), B[group].unbind(0), C[group].unbind(0), strict=True
+        )
+
+
+def _step(
+    h: torch.Tensor,
+    a: torch.Tensor,
+    A_log2: torch.Tensor,
+    dt_t: torch.Tensor,
+    x_t: torch.Tensor,
+    B_t: torch.Tensor,
+) -> torch.Tensor:
+    """``h <- a_t h + x_t B_t`` in place, with ``a_t = exp(dt_t A)`` written into ``a``;
+    ``A_log2 = A log2(e)`` ``(G, D/G, N, 1)``."""
+    return h.mul_(torch.mul(dt_t, A_log2, out=a).exp2_()).addcmul_(x_t, B_t)
+
+
+def _pass_block(inp: _Inputs, blk: _Block, states: torch.Tensor) -> None:
+    """Chunk-start states of the block's chunks from the one of its first chunk, ``states[c0]``,
+    into ``states[c0+1 .. c0+m]``: each chunk's end state from zero ``e(c)`` (a local scan), then
+    ``h_in(c+1) = exp(A sum_chunk dt) h_in(c) + e(c)``."""
+    A_log2 = inp.A_log2.transpose(-1, -2)
+    h = inp.u.new_zeros(*states.shape[1:], blk.m)
+    a = torch.empty_like(h)
+    for dt_t, x_t, B_t, _ in _local_steps(inp, blk):
+        _step(h, a, A_log2, dt_t, x_t, B_t)
+    states[blk.c0 + 1 : blk.c0 + blk.m + 1] = h.movedim(-1, 0)
+    decays = torch.mul(blk.steps(inp.dt).sum(-1).unsqueeze(-2), A_log2, out=a).exp2_()
+    for c, decay in enumerate(decays.unbind(-1), start=blk.c0):
+        states[c + 1].addcmul_(decay, states[c])
+
+
+def _output_block(inp: _Inputs, blk: _Block, states: torch.Tensor, y: torch.Tensor) -> None:
+    """``y_t = sum_n C_t h_t`` of the block's chunks into ``y``, scanning from their start states."""
+    A_log2 = inp.A_log2.transpose(-1, -2)
+    h = states[blk.chunks].movedim(0, -1).clone(memory_format=torch.contiguous_format)
+    a = torch.empty_like(h)
+    steps = zip(blk.steps(y).unbind(-1), _local_steps(inp, blk), strict=True)
+    for y_t, (dt_t, x_t, B_t, C_t) in steps:
+        torch.sum(torch.mul(_step(h, a, A_log2, dt_t, x_t, B_t), C_t, out=a), -2, out=y_t)
 
 
 def _scan_forward(inp: _Inputs, h0: torch.Tensor):
-    """``y`` ``(batch, G, D/G, L)`` without the ``D`` term, chunk-start states and last state."""
-    starts = _chunk_states(inp)
+    """``y`` ``(batch, G, D/G, L)`` without the ``D`` term, chunk-start states and last state.
+
+    The states of a block of ``m`` chunks are held as ``(batch, G, D/G, N, m)``, so that every
+    operation runs along contiguous rows of ``m`` chunks and ``y_t = sum_n C_t h_t`` sums rows
+    (a reduction over a short innermost ``N`` axis is several times slower). The chunk states are
+    kept chunk-major, ``h_in(c)`` at ``states[c]``, so that state passing is one in-place
+    ``addcmul`` on contiguous tensors per chunk.
+    """
+    states = inp.u.new_empty(len(range(0, inp.u.shape[-1], inp.chunk)) + 1, *h0.shape)
+    states[0] = h0
     for blk in inp.blocks(inp.step_chunks):
-        h = starts[..., blk.chunks, :].zero_()
-        for t in range(blk.T):
-            inp.advance(h, blk, t)
-    last = _pass_states(inp, starts, h0)
+        _pass_block(inp, blk, states)
     y = torch.empty_like(inp.u)
     for blk in inp.blocks(inp.step_chunks):
-        h = starts[..., blk.chunks, :].clone()
-        y_v, C_v = blk.steps(y), blk.rows(inp.C)
-        for t in range(blk.T):
-            y_v[..., t] = torch.linalg.vecdot(
-                inp.advance(h, blk, t), C_v[..., t, :].contiguous().unsqueeze(2)
-            )
-    return y, starts, last
+        _output_block(inp, blk, states, y)
+    return y, states[:-1].movedim(0, -2), states[-1].clone()
 
 
 def _carries(inp: _Inputs, g: torch.Tensor, d_last: torch.Tensor):
@@ -201,10 +247,10 @@ def _carries(inp: _Inputs, g: torch.Tensor, d_last: torch.Tensor):
     and the gradient of the initial state."""
     carries = _chunk_states(inp)
     for blk in inp.blocks(inp.step_chunks):
-        g_v, C_v = blk.steps(g), blk.rows(inp.C)
+        g_v, C_v, dt_v = blk.steps(g), blk.rows(inp.C), blk.steps(inp.dt)
         w = carries[..., blk.chunks, :].zero_()
         for t in reversed(range(blk.T)):
-            a_t = inp.step(blk, t)[2]
+            a_t = inp.decay(dt_v[..., t])
             w.addcmul_(C_v[..., t, :].contiguous().unsqueeze(2), g_v[..., t].unsqueeze(-1)).mul_(
                 a_t
             )
@@ -234,15 +280,17 @@ def _scan_backward(inp: _Inputs, g: torch.Tensor, d_last: torch.Tensor, starts: 
     for blk in inp.blocks(inp.history_chunks):
         hist = history[: blk.T + 1, ..., : blk.m, :]
         hist[0] = starts[..., blk.chunks, :]
-        for t in range(blk.T):
-            dt_t, u_t, a_t, B_t, _ = inp.step(blk, t)
-            torch.addcmul((dt_t * u_t).unsqueeze(-1) * B_t, a_t, hist[t], out=hist[t + 1])
+        steps = inp.local(blk)
+        for t, (dt_t, u_t, B_t, _) in enumerate(steps):
+            x_t = (dt_t * u_t).unsqueeze(-1) * B_t
+            torch.addcmul(x_t, inp.decay(dt_t), hist[t], out=hist[t + 1])
         g_v, du_v, ddt_v = blk.steps(g), blk.steps(du), blk.steps(ddt)
         dB_v, dC_v = blk.rows(dB), blk.rows(dC)
         w = carries[..., blk.chunks, :]
         dA_acc = torch.zeros_like(w)
         for t in reversed(range(blk.T)):
-            dt_t, u_t, a_t, B_t, C_t = inp.step(blk, t)
+            dt_t, u_t, B_t, C_t = steps[t]
+            a_t = inp.decay(dt_t)
             g_t = g_v[..., t].unsqueeze(-1)
             dh = torch.addcmul(w, C_t, g_t)
             r = dh * a_t * hist[t]
