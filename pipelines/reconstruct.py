@@ -152,7 +152,7 @@ def reconstruct_file(
         meta = f.metadata
         width = meta.matrix_size[-1]
         if meta.has_mask:
-            mask = torch.from_numpy(np.asarray(f.read_slice(0)["mask"], dtype=np.float32))
+            mask = f.mask.to(torch.float32)
         elif settings.mask is not None:
             mask = volume_mask(
                 path,
@@ -165,6 +165,7 @@ def reconstruct_file(
             ).mask
         else:
             mask = torch.ones(1, width)
+        mask = mask.to(dev)
         rh, rw = meta.recon_size[:2]
         crop = (rh, rw) if width >= rw else (width, width)
         out = np.empty((meta.num_slices, *crop), dtype=np.float32)
@@ -172,14 +173,14 @@ def reconstruct_file(
         for start in tqdm(starts, desc=path.name, disable=quiet, leave=False):
             stop = min(start + settings.batch_size, meta.num_slices)
             batch = [f.read_slice(i) for i in range(start, stop)]
-            kspace = apply_mask(torch.stack([b["kspace"] for b in batch]).to(dev), mask.to(dev))
+            kspace = apply_mask(torch.stack([b["kspace"] for b in batch]).to(dev), mask)
             stored = (
                 torch.stack([b["sensitivity_map"] for b in batch]).to(dev)
                 if meta.has_sensitivity_map
                 else None
             )
-            maps = _coil_maps(settings, kspace, mask.to(dev), stored, path)
-            image = solve(kspace, mask.to(dev), maps).image
+            maps = _coil_maps(settings, kspace, mask, stored, path)
+            image = solve(kspace, mask, maps).image
             out[start:stop] = center_crop(image, crop).abs().cpu().numpy()
     return Reconstruction(out, voxel_size(meta, crop))
 

@@ -311,7 +311,7 @@ class FastMRIFile(H5VolumeFile):
     def _sample(self, selection: int | tuple) -> dict[str, torch.Tensor]:
         sample = {KSPACE: self._coil_axis(self._read(KSPACE, selection))}
         if self._mask is not None:
-            sample[MASK] = torch.from_numpy(self._mask.copy())
+            sample[MASK] = self.mask
         if self._target_key is not None:
             sample["target"] = torch.from_numpy(self._read(self._target_key, selection))
         if self.metadata.has_segmentation:
@@ -321,6 +321,11 @@ class FastMRIFile(H5VolumeFile):
         if self.metadata.has_sensitivity_map:
             sample[SENSITIVITY_MAP] = self._coil_axis(self._read(SENSITIVITY_MAP, selection))
         return sample
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The stored sampling mask, ``(W,)`` or ``(H, W)`` bool (the same for every slice), or None."""
+        return None if self._mask is None else torch.from_numpy(self._mask.copy())
 
     def read_slice(self, index: int) -> dict[str, torch.Tensor]:
         """Slice ``index``, reading only that slice from disk.
