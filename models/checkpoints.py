@@ -267,6 +267,33 @@ def _infer_unet(state: StateDict, path: str | os.PathLike[str]) -> tuple[int, in
     return filters, len(levels)
 
 
+def state_dict_mismatch(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> str | None:
+    """What keeps ``state`` from loading strictly where ``expected`` is wanted, or None.
+
+    Names the missing and unexpected keys (the first few of each, with their counts) and the
+    first tensor whose shape differs, in one line.
+    """
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    shapes = [
+        f"{key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+        for key, value in state.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys {missing[:_SHOWN]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys {unexpected[:_SHOWN]}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches ({shapes[0]})")
+    return ", ".join(parts)
+
+
 def _load_into(
     module: nn.Module,
     state: StateDict,
@@ -279,18 +306,10 @@ def _load_into(
     expected = module.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
-    if strict and (missing or unexpected):
-        raise FileFormatError(
-            f"{path}: '{name}' does not fit the inferred architecture: "
-            f"{len(missing)} missing keys {missing[:_SHOWN]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:_SHOWN]}"
-        )
-    for key, value in state.items():
-        if key in expected and value.shape != expected[key].shape:
-            raise FileFormatError(
-                f"{path}: '{name}.{key}' has shape {tuple(value.shape)}, "
-                f"expected {tuple(expected[key].shape)}"
-            )
+    shared = {key: value for key, value in state.items() if key in expected}
+    problem = state_dict_mismatch(expected, state if strict else shared)
+    if problem:
+        raise FileFormatError(f"{path}: '{name}' does not fit the inferred architecture: {problem}")
     module.load_state_dict(state, strict=False)
     report.missing_keys += [f"{name}.{key}" for key in missing]
     report.unexpected_keys += [f"{name}.{key}" for key in unexpected]

@@ -25,7 +25,6 @@ so a DIRECT ``model`` state dict loads with ``strict=True``. Complex tensors are
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kscan.config import from_mapping
 from kscan.errors import ConfigError, ShapeError
 from kscan.physics import coils
 from kscan.physics.checks import require_complex, require_ndim
@@ -104,13 +104,7 @@ class RecurrentVarNetConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RecurrentVarNetConfig:
         """Build a config from a mapping (parsed YAML); unknown keys raise :class:`ConfigError`."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ConfigError(
-                    f"RecurrentVarNetConfig: unknown key {key!r}; expected one of {', '.join(sorted(known))}"
-                )
-        return cls(**values)
+        return from_mapping(cls, values)
 
 
 def _require_positive(name: str, value: Any) -> None:
@@ -314,8 +308,9 @@ class RecurrentVarNet(nn.Module):
         mask: torch.Tensor,
         sensitivity_map: torch.Tensor,
         initial_image: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Reconstructed k-space ``k_T``.
+        return_iterates: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Reconstructed k-space ``k_T`` (or every iterate ``[k_1, ..., k_T]``).
 
         Args:
             masked_kspace: measured k-space ``y`` ``(batch, coil, H, W)``, complex, zero off the mask.
@@ -324,9 +319,11 @@ class RecurrentVarNet(nn.Module):
                 same for 0/1 masks).
             sensitivity_map: coil maps ``S`` ``(batch, coil, H, W)``, complex.
             initial_image: ``(batch, H, W)`` complex, only for ``initializer_initialization="input_image"``.
+            return_iterates: return the list of the k-spaces after each step (for losses over
+                iterates) instead of the last one.
 
         Returns:
-            k-space ``(batch, coil, H, W)``, complex.
+            k-space ``(batch, coil, H, W)``, complex, or a list of ``num_steps`` of them.
         """
         _check_inputs(masked_kspace, mask, sensitivity_map)
         state = None
@@ -334,13 +331,14 @@ class RecurrentVarNet(nn.Module):
             state = self.initializer(
                 _to_channels(self._initializer_input(masked_kspace, sensitivity_map, initial_image))
             )
-        kspace = masked_kspace
+        kspace, iterates = masked_kspace, []
         for step in range(self.config.num_steps):
             block = self.block_list[step if self.config.no_parameter_sharing else 0]
             kspace, state = block(
                 kspace, masked_kspace, mask, sensitivity_map, state, self.config.centered
             )
-        return kspace
+            iterates.append(kspace)
+        return iterates if return_iterates else kspace
 
     def rss_image(self, kspace: torch.Tensor) -> torch.Tensor:
         """Root sum of squares over coils of ``F^-1 kspace``: ``(batch, coil, H, W)`` -> ``(batch, H, W)``."""

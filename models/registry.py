@@ -1,0 +1,101 @@
+"""The model registry: every kscan network by name, with its task and configuration class.
+
+A name (``rvn``, ``varnet``, ``vmunet``, ``mhs-vm``, ...) selects a :class:`ModelSpec`: the
+config dataclass (built from YAML with :func:`kscan.config.from_mapping`, unknown keys rejected)
+and the ``nn.Module`` class built from it. Training, inference, checkpoints and benchmarks look
+models up here, so a network is added to every command by adding one entry.
+
+Interfaces by task:
+
+- ``reconstruction``: ``model(masked_kspace, mask, num_low_frequencies=None,
+  return_iterates=False)`` with complex k-space ``(batch, coil, H, W)`` and a mask broadcastable
+  to it returns the reconstructed k-space ``(batch, coil, H, W)`` (or the list of every
+  iterate's); ``model.image(kspace)`` is the RSS image ``(batch, H, W)``; ``model.centered`` is
+  its FFT convention.
+- ``segmentation``: ``model(image)`` with ``(batch, in_channels, H, W)`` returns
+  ``(batch, num_classes, H, W)`` probabilities; ``model.logits(image)`` the logits.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from kscan.config import from_mapping
+from kscan.errors import ConfigError
+
+TASKS = ("reconstruction", "segmentation", "multitask")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered network: ``module.model_class(module.config_class(...))``.
+
+    The classes are named rather than imported, so that looking up one model does not import
+    every other model's code.
+    """
+
+    name: str
+    task: str
+    module: str
+    model_class: str
+    config_class: str
+    description: str
+
+    def config_type(self) -> type:
+        return getattr(importlib.import_module(self.module), self.config_class)
+
+    def model_type(self) -> type[nn.Module]:
+        return getattr(importlib.import_module(self.module), self.model_class)
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "rvn",
+            "reconstruction",
+            "kscan.models.rvn",
+            "RVN",
+            "RVNConfig",
+            "RecurrentVarNet (Yiasemis et al. 2022) with DIRECT's learned coil-map refinement",
+        ),
+    )
+}
+
+
+def spec(name: str) -> ModelSpec:
+    """The registered model ``name``; an unknown name raises :class:`ConfigError` listing them."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ConfigError(
+            f"model: unknown model {name!r}; expected one of {', '.join(sorted(MODELS))}"
+        ) from None
+
+
+def build_config(name: str, values: Mapping[str, Any] | None = None) -> Any:
+    """The config of model ``name`` from a mapping (defaults for missing keys)."""
+    return from_mapping(spec(name).config_type(), values, "model_config")
+
+
+def build_model(name: str, config: Mapping[str, Any] | Any | None = None) -> nn.Module:
+    """A new model ``name`` from its config (a config object, a mapping, or None for defaults)."""
+    entry = spec(name)
+    if config is None or isinstance(config, Mapping):
+        config = build_config(name, config)
+    elif not isinstance(config, entry.config_type()):
+        raise ConfigError(
+            f"model_config: expected a {entry.config_class} for model {name!r}, "
+            f"got {type(config).__name__}"
+        )
+    return entry.model_type()(config)
+
+
+def names(task: str | None = None) -> list[str]:
+    """Registered model names, of one task when given."""
+    return sorted(name for name, entry in MODELS.items() if task is None or entry.task == task)
