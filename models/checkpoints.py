@@ -1,9 +1,13 @@
-"""Import of DIRECT RecurrentVarNet checkpoints.
+"""Import of DIRECT RecurrentVarNet and fastMRI VarNet checkpoints.
+
+Both are read with ``torch.load(weights_only=True)``, which never runs code from the file, and
+the architecture is inferred from the keys and shapes of the state dicts.
+
+**DIRECT RecurrentVarNet** (:func:`import_direct`).
 
 A DIRECT checkpoint is a ``torch.save`` of a dict holding the state dict of the network under
 ``model`` and of the sensitivity U-Net under ``sensitivity_model`` (plus optimiser state and
-counters, which are ignored); keys may carry the ``module.`` prefix of ``DataParallel``. It is read
-with ``torch.load(weights_only=True)``, which never runs code from the file.
+counters, which are ignored); keys may carry the ``module.`` prefix of ``DataParallel``.
 
 The architecture is inferred from the keys and shapes of ``model``:
 
@@ -18,6 +22,14 @@ The architecture is inferred from the keys and shapes of ``model``:
 
 What the state dict does not hold must be given: the FFT convention (``centered``), the
 initializer's dilations and input. The U-Net's depth and width come from ``sensitivity_model``.
+
+**fastMRI VarNet** (:func:`import_fastmri_varnet`). Either the state dict itself, as fastMRI
+publishes its models, or a PyTorch Lightning checkpoint whose ``state_dict`` holds the network
+under the ``varnet.`` prefix (the rest, e.g. the SSIM loss's ``loss.w``, the optimiser state and
+the hyper-parameters, is ignored; a bare ``state_dict`` with that prefix is read the same way). ``num_cascades`` is the number of ``cascades.<i>`` blocks;
+``chans``/``pools`` and ``sens_chans``/``sens_pools`` are the width and depth of the U-Nets of
+cascade 0 and of ``sens_net``. ``mask_center`` and the FFT convention are not in the state dict
+and must be given (fastMRI: both True).
 """
 
 from __future__ import annotations
@@ -32,29 +44,35 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kscan.errors import ConfigError, FileFormatError
+from kscan.errors import ConfigError, FileFormatError, KscanError
 from kscan.models.recurrentvarnet import RecurrentVarNet, RecurrentVarNetConfig
 from kscan.models.sensitivity import SensitivityModel
+from kscan.models.varnet import VarNet, VarNetConfig
 
 StateDict = dict[str, torch.Tensor]
 _PREFIX = "module."
+_LIGHTNING_PREFIX = "varnet."
 _SHOWN = 5
 
 
 @dataclass
 class ImportReport:
-    """What :func:`import_direct` found in a checkpoint.
+    """What :func:`import_direct` or :func:`import_fastmri_varnet` found in a checkpoint.
 
     Attributes:
-        config: the inferred configuration of the RecurrentVarNet.
-        sensitivity_filters: ``(num_filters, num_pool_layers)`` of the U-Net, None without one.
-        stripped_prefix: whether the keys carried the ``module.`` prefix.
-        ignored_entries: top-level entries other than ``model`` and ``sensitivity_model``.
+        config: the inferred configuration of the network.
+        sensitivity_filters: ``(num_filters, num_pool_layers)`` of the sensitivity U-Net, None
+            without one.
+        stripped_prefix: whether the keys carried a prefix that was removed (``module.`` of
+            ``DataParallel``, or ``varnet.`` of a Lightning checkpoint).
+        ignored_entries: what holds no weights of the network: DIRECT's top-level entries other
+            than ``model`` and ``sensitivity_model``; a Lightning checkpoint's entries other than
+            ``state_dict`` and its ``state_dict`` keys outside ``varnet.``.
         missing_keys: keys the models expect and the file lacks (only with ``strict=False``).
         unexpected_keys: keys the file holds and the models do not (only with ``strict=False``).
     """
 
-    config: RecurrentVarNetConfig
+    config: RecurrentVarNetConfig | VarNetConfig
     sensitivity_filters: tuple[int, int] | None
     stripped_prefix: bool
     ignored_entries: tuple[str, ...]
@@ -120,7 +138,9 @@ def import_direct(
     _load_into(model, states["model"], path, "model", strict, report)
     sensitivity = None
     if "sensitivity_model" in states:
-        report.sensitivity_filters = _infer_unet(states["sensitivity_model"], path)
+        report.sensitivity_filters = _infer_unet(
+            states["sensitivity_model"], path, "sensitivity_model"
+        )
         sensitivity = SensitivityModel(*report.sensitivity_filters)
         _load_into(
             sensitivity.unet, states["sensitivity_model"], path, "sensitivity_model", strict, report
@@ -188,7 +208,88 @@ def infer_config(
     )
 
 
-def _load(path: str | os.PathLike[str]) -> Mapping[str, object]:
+def import_fastmri_varnet(
+    path: str | os.PathLike[str],
+    mask_center: bool = True,
+    centered: bool = True,
+    strict: bool = True,
+) -> tuple[VarNet, ImportReport]:
+    """Load a fastMRI VarNet checkpoint (a state dict, or a Lightning checkpoint) into :class:`VarNet`.
+
+    Args:
+        path: a ``torch.save`` of ``VarNet.state_dict()`` (fastMRI's published models), or a
+            Lightning checkpoint with the network under ``state_dict`` / ``varnet.``.
+        mask_center: whether the coil maps are estimated from the centre lines (fastMRI: True).
+        centered: FFT convention the network was trained with (fastMRI: True).
+        strict: raise when keys are missing or unexpected; otherwise load what matches and list
+            the rest in the report.
+
+    Returns:
+        ``(model, report)``, the model in evaluation mode, float32.
+
+    Raises:
+        FileFormatError: the file is missing, not a torch file, or holds no VarNet keys.
+        ConfigError: the state dict does not fit the VarNet inferred from it (keys missing or
+            unexpected, or shapes that differ between cascades); the message names the keys.
+    """
+    checkpoint = _load(path, "a state dict or a Lightning checkpoint with 'state_dict'")
+    ignored: list[str] = []
+    if isinstance(checkpoint.get("state_dict"), Mapping):
+        ignored = sorted(str(key) for key in checkpoint if key != "state_dict")
+        checkpoint = checkpoint["state_dict"]
+    state = _state_dict(checkpoint, path, "state_dict")
+    stripped = any(key.startswith(_LIGHTNING_PREFIX) for key in state)
+    if stripped:  # a LightningModule's state: the network is its ``varnet`` child
+        ignored += sorted(key for key in state if not key.startswith(_LIGHTNING_PREFIX))
+        state = {key: value for key, value in state.items() if key.startswith(_LIGHTNING_PREFIX)}
+        state = _strip_prefix(state, _LIGHTNING_PREFIX)[0]
+    else:
+        state, stripped = _strip_prefix(state)
+    config = infer_varnet_config(state, path, mask_center=mask_center, centered=centered)
+    model = VarNet(config)
+    report = ImportReport(
+        config=config,
+        sensitivity_filters=(config.sens_chans, config.sens_pools),
+        stripped_prefix=stripped,
+        ignored_entries=tuple(ignored),
+    )
+    _load_into(model, state, path, "state_dict", strict, report, error=ConfigError)
+    return model.eval(), report
+
+
+def infer_varnet_config(
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str] = "state dict",
+    *,
+    mask_center: bool = True,
+    centered: bool = True,
+) -> VarNetConfig:
+    """The :class:`VarNetConfig` of a fastMRI ``VarNet`` state dict (prefix stripped).
+
+    See the module docstring for what is read from where; ``path`` names the source in errors.
+    """
+    cascades = _indices(state, r"cascades\.(\d+)\.")
+    if not cascades:
+        raise FileFormatError(
+            f"{path}: expected fastMRI VarNet keys 'cascades.<i>.*', found {sorted(state)[:_SHOWN]}"
+        )
+    chans, pools = _infer_unet(state, path, "state_dict", "cascades.0.model.unet.")
+    sens_chans, sens_pools = _infer_unet(state, path, "state_dict", "sens_net.norm_unet.unet.")
+    return VarNetConfig(
+        num_cascades=cascades[-1] + 1,
+        chans=chans,
+        pools=pools,
+        sens_chans=sens_chans,
+        sens_pools=sens_pools,
+        mask_center=mask_center,
+        centered=centered,
+    )
+
+
+def _load(
+    path: str | os.PathLike[str],
+    expected: str = "a dict with 'model' and 'sensitivity_model' state dicts",
+) -> Mapping[str, object]:
     """``torch.load(path, weights_only=True)`` with every failure as a one-line FileFormatError."""
     if not os.path.isfile(path):
         raise FileFormatError(f"{path}: no such checkpoint file")
@@ -207,10 +308,7 @@ def _load(path: str | os.PathLike[str]) -> Mapping[str, object]:
             f"{path}: not a loadable torch checkpoint (weights only): {first_line}"
         ) from err
     if not isinstance(checkpoint, Mapping):
-        raise FileFormatError(
-            f"{path}: expected a dict with 'model' and 'sensitivity_model' state dicts, "
-            f"found {type(checkpoint).__name__}"
-        )
+        raise FileFormatError(f"{path}: expected {expected}, found {type(checkpoint).__name__}")
     return checkpoint
 
 
@@ -225,10 +323,10 @@ def _state_dict(value: object, path: str | os.PathLike[str], name: str) -> State
     return dict(value)
 
 
-def _strip_prefix(state: StateDict) -> tuple[StateDict, bool]:
-    """Drop ``module.`` from every key when all keys carry it."""
-    if state and all(key.startswith(_PREFIX) for key in state):
-        return {key[len(_PREFIX) :]: value for key, value in state.items()}, True
+def _strip_prefix(state: StateDict, prefix: str = _PREFIX) -> tuple[StateDict, bool]:
+    """Drop ``prefix`` from every key when all keys carry it."""
+    if state and all(key.startswith(prefix) for key in state):
+        return {key[len(prefix) :]: value for key, value in state.items()}, True
     return state, False
 
 
@@ -255,15 +353,17 @@ def _num_steps(blocks: int, num_steps: int | None, path: str | os.PathLike[str])
     )
 
 
-def _infer_unet(state: StateDict, path: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(num_filters, num_pool_layers)`` of a DIRECT ``UnetModel2d(2, 2, ...)`` state dict."""
-    levels = _indices(state, r"down_sample_layers\.(\d+)\.")
+def _infer_unet(
+    state: Mapping[str, torch.Tensor], path: str | os.PathLike[str], name: str, prefix: str = ""
+) -> tuple[int, int]:
+    """``(num_filters, num_pool_layers)`` of the ``UNet2d`` whose keys in ``state`` start with ``prefix``."""
+    levels = _indices(state, re.escape(prefix) + r"down_sample_layers\.(\d+)\.")
     if not levels:
         raise FileFormatError(
-            f"{path}: expected U-Net keys 'down_sample_layers.<i>.*' in 'sensitivity_model', "
+            f"{path}: expected U-Net keys '{prefix}down_sample_layers.<i>.*' in '{name}', "
             f"found {sorted(state)[:_SHOWN]}"
         )
-    filters = _shape(state, "down_sample_layers.0.layers.0.weight", path)[0]
+    filters = _shape(state, f"{prefix}down_sample_layers.0.layers.0.weight", path)[0]
     return filters, len(levels)
 
 
@@ -301,15 +401,19 @@ def _load_into(
     name: str,
     strict: bool,
     report: ImportReport,
+    error: type[KscanError] = FileFormatError,
 ) -> None:
-    """Load ``state`` into ``module``; name missing/unexpected keys and shape mismatches."""
+    """Load ``state`` into ``module``; raise ``error`` naming missing/unexpected keys and shapes."""
     expected = module.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
-    shared = {key: value for key, value in state.items() if key in expected}
-    problem = state_dict_mismatch(expected, state if strict else shared)
+    if strict:
+        problem = state_dict_mismatch(expected, state)
+    else:  # only the shapes of the keys both have
+        shared = {key: value for key, value in state.items() if key in expected}
+        problem = state_dict_mismatch({key: expected[key] for key in shared}, shared)
     if problem:
-        raise FileFormatError(f"{path}: '{name}' does not fit the inferred architecture: {problem}")
+        raise error(f"{path}: '{name}' does not fit the inferred architecture: {problem}")
     module.load_state_dict(state, strict=False)
     report.missing_keys += [f"{name}.{key}" for key in missing]
     report.unexpected_keys += [f"{name}.{key}" for key in unexpected]

@@ -64,6 +64,14 @@ MODELS: dict[str, ModelSpec] = {
             "RVNConfig",
             "RecurrentVarNet (Yiasemis et al. 2022) with DIRECT's learned coil-map refinement",
         ),
+        ModelSpec(
+            "varnet",
+            "reconstruction",
+            "kscan.models.varnet",
+            "VarNet",
+            "VarNetConfig",
+            "End-to-end VarNet (Sriram et al. 2020), fastMRI's layout and learned coil maps",
+        ),
     )
 }
 

@@ -23,6 +23,12 @@ from kscan.physics.coils import rss
 from kscan.physics.fft import complex_to_real, real_to_complex
 
 
+def rss_normalize(maps: torch.Tensor) -> torch.Tensor:
+    """``S_c / sqrt(sum_c |S_c|^2)`` for complex maps ``(batch, coil, H, W)``; 0 where the RSS is 0."""
+    norm = rss(maps).unsqueeze(-3)
+    return torch.where(norm > 0, maps / torch.where(norm > 0, norm, 1), 0)
+
+
 class SensitivityModel(nn.Module):
     """U-Net refinement and RSS normalisation of coil maps (see the module docstring).
 
@@ -46,8 +52,7 @@ class SensitivityModel(nn.Module):
         require_ndim(maps, "sensitivity_map", 4, "(batch, coil, H, W)")
         if maps.shape[1] > 1:
             maps = self._refine(maps)
-        norm = rss(maps).unsqueeze(-3)
-        return torch.where(norm > 0, maps / torch.where(norm > 0, norm, 1), 0)
+        return rss_normalize(maps)
 
     def _refine(self, maps: torch.Tensor) -> torch.Tensor:
         """The U-Net on every coil map, coils in the batch, channels (real, imaginary)."""
