@@ -13,7 +13,8 @@ Interfaces by task:
   iterate's); ``model.image(kspace)`` is the RSS image ``(batch, H, W)``; ``model.centered`` is
   its FFT convention.
 - ``segmentation``: ``model(image)`` with ``(batch, in_channels, H, W)`` returns
-  ``(batch, num_classes, H, W)`` probabilities; ``model.logits(image)`` the logits.
+  ``(batch, num_classes, H, W)``: sigmoid probabilities for one class, logits otherwise;
+  ``model.forward_logits(image)`` always the logits; H and W multiples of ``config.size_multiple``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,22 @@ MODELS: dict[str, ModelSpec] = {
             "VarNet",
             "VarNetConfig",
             "End-to-end VarNet (Sriram et al. 2020), fastMRI's layout and learned coil maps",
+        ),
+        ModelSpec(
+            "vmunet",
+            "segmentation",
+            "kscan.models.vmunet",
+            "VMUNet",
+            "VMUNetConfig",
+            "VM-UNet (Ruan et al. 2024): VSS blocks with 4-direction SS2D scans",
+        ),
+        ModelSpec(
+            "mhs-vm",
+            "segmentation",
+            "kscan.models.mhs",
+            "MHSVM",
+            "MHSVMConfig",
+            "MHS-VM (Ji 2024): VM-UNet with multi-head scans over snake, zig-zag, spiral and raster routes",
         ),
     )
 }
