@@ -49,8 +49,14 @@ from torch.nn import functional as F
 
 from kscan.errors import ConfigError, InvalidDataError, ShapeError
 from kscan.kernels.routes import MHSVM_HEAD_ROUTES, cross_merge, cross_scan
-from kscan.kernels.scan import selective_scan
-from kscan.models.vmunet import Mixer, VMUNet, VMUNetConfig, init_weights, inverse_softplus
+from kscan.models.vmunet import (
+    Mixer,
+    VMUNet,
+    VMUNetConfig,
+    add_route_ssm,
+    init_weights,
+    route_ssm,
+)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -73,19 +79,11 @@ def route_attention(ys: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 class RouteSSM(nn.Module):
-    """Selective scans of ``K`` sequences of ``d`` channels, each with its own projections (SS2D's).
+    """Selective scans of ``K`` sequences of ``d`` channels, each with its own projections.
 
-    For sequence ``k`` with input ``u (batch, d, L)``: ``[dt_low, B, C] = x_proj_weight[k] @ u``
-    (``R + 2N`` rows), ``delta = dt_projs_weight[k] @ dt_low`` ``(d, L)``, then
-    :func:`kscan.kernels.selective_scan` with ``A = -exp(A_logs)``, skip ``Ds``, delta bias
-    ``dt_projs_bias[k]`` and softplus. The ``K`` scans run as one scan of ``K*d`` channels with
-    ``K`` groups of ``B, C``.
-
-    Parameters: ``x_proj_weight (K, R+2N, d)``, ``dt_projs_weight (K, d, R)``, ``dt_projs_bias
-    (K, d)``, ``A_logs (K*d, N)``, ``Ds (K*d,)``; ``R = ceil(d / 16)`` for ``dt_rank="auto"``.
-    Initialisation (the reference's): ``x_proj_weight`` uniform ``+-d^-0.5``; ``dt_projs_weight``
-    uniform ``+-dt_scale R^-0.5``; ``dt_projs_bias = softplus^-1(dt)`` with ``dt`` log-uniform
-    in ``[dt_min, dt_max]`` floored at ``dt_init_floor``; ``A_logs = log(1..N)``; ``Ds = 1``.
+    The parameters, their initialisation and the scan are SS2D's
+    (:func:`kscan.models.vmunet.add_route_ssm`, :func:`kscan.models.vmunet.route_ssm`) with
+    ``d = d_inner``; ``R = ceil(d / 16)`` for ``dt_rank="auto"``.
     """
 
     def __init__(
@@ -104,19 +102,11 @@ class RouteSSM(nn.Module):
             _require_positive(name, value)
         if dt_rank != "auto":
             _require_positive("dt_rank", dt_rank)
-        self.d_inner, self.d_state, self.sequences = d_inner, d_state, sequences
-        self.dt_rank = math.ceil(d_inner / 16) if dt_rank == "auto" else int(dt_rank)
-        k, d, n, r = sequences, d_inner, d_state, self.dt_rank
-        bound = d**-0.5
-        self.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * n, d).uniform_(-bound, bound))
-        bound = dt_scale * r**-0.5
-        self.dt_projs_weight = nn.Parameter(torch.empty(k, d, r).uniform_(-bound, bound))
-        log_dt = torch.empty(k, d).uniform_(math.log(dt_min), math.log(dt_max))
-        self.dt_projs_bias = nn.Parameter(inverse_softplus(log_dt.exp().clamp(min=dt_init_floor)))
-        self.A_logs = nn.Parameter(
-            torch.arange(1, n + 1, dtype=torch.float32).log().repeat(k * d, 1)
+        self.d_inner, self.sequences = d_inner, sequences
+        rank = math.ceil(d_inner / 16) if dt_rank == "auto" else int(dt_rank)
+        add_route_ssm(
+            self, sequences, d_inner, d_state, rank, dt_min, dt_max, dt_init_floor, dt_scale
         )
-        self.Ds = nn.Parameter(torch.ones(k * d))
 
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
         """``xs (batch, K, d, L)`` -> ``(batch, K, d, L)``, computed in float32 (float64 stays)."""
@@ -125,23 +115,7 @@ class RouteSSM(nn.Module):
                 f"xs: expected shape (batch, K={self.sequences}, d={self.d_inner}, L), "
                 f"got {tuple(xs.shape)}"
             )
-        batch, k, d, length = xs.shape
-        r, n = self.dt_rank, self.d_state
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dt_low, b, c = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dt_low, self.dt_projs_weight)
-        compute = torch.promote_types(xs.dtype, torch.float32)
-        ys = selective_scan(
-            xs.to(compute).reshape(batch, k * d, length),
-            dts.to(compute).reshape(batch, k * d, length),
-            -torch.exp(self.A_logs.to(compute)),
-            b.to(compute),
-            c.to(compute),
-            D=self.Ds.to(compute),
-            delta_bias=self.dt_projs_bias.to(compute).reshape(-1),
-            delta_softplus=True,
-        )
-        return ys.view(batch, k, d, length)
+        return route_ssm(self, xs)
 
 
 class RouteScanHead(nn.Module):

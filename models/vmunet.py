@@ -219,6 +219,63 @@ def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     return y + torch.log(-torch.expm1(-y))
 
 
+def add_route_ssm(
+    module: nn.Module,
+    sequences: int,
+    inner: int,
+    d_state: int,
+    rank: int,
+    dt_min: float,
+    dt_max: float,
+    dt_init_floor: float,
+    dt_scale: float,
+) -> None:
+    """Register the selective-scan parameters of ``K = sequences`` routes on ``module``.
+
+    Parameters (reference names and initialisation): ``x_proj_weight (K, R+2N, d)`` uniform
+    ``+-d^-0.5``; ``dt_projs_weight (K, d, R)`` uniform ``+-dt_scale R^-0.5``; ``dt_projs_bias
+    (K, d) = softplus^-1(dt)`` with ``dt`` log-uniform in ``[dt_min, dt_max]`` floored at
+    ``dt_init_floor``; ``A_logs (K*d, N) = log(1..N)``; ``Ds (K*d,) = 1``. Also sets
+    ``module.d_state = N`` and ``module.dt_rank = R``, which :func:`route_ssm` reads.
+    """
+    k, d, n, r = sequences, inner, d_state, rank
+    module.d_state, module.dt_rank = n, r
+    bound = d**-0.5
+    module.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * n, d).uniform_(-bound, bound))
+    bound = dt_scale * r**-0.5
+    module.dt_projs_weight = nn.Parameter(torch.empty(k, d, r).uniform_(-bound, bound))
+    log_dt = torch.empty(k, d).uniform_(math.log(dt_min), math.log(dt_max))
+    module.dt_projs_bias = nn.Parameter(inverse_softplus(log_dt.exp().clamp(min=dt_init_floor)))
+    module.A_logs = nn.Parameter(torch.arange(1, n + 1, dtype=torch.float32).log().repeat(k * d, 1))
+    module.Ds = nn.Parameter(torch.ones(k * d))
+
+
+def route_ssm(module: nn.Module, xs: torch.Tensor) -> torch.Tensor:
+    """The ``K`` route scans of :func:`add_route_ssm`'s parameters: ``(B, K, d, L)`` -> ``(B, K, d, L)``.
+
+    For route ``k`` with input ``u (B, d, L)``: ``[dt_low, B_k, C_k] = x_proj_weight[k] @ u``,
+    ``delta = dt_projs_weight[k] @ dt_low``, then :func:`kscan.kernels.selective_scan` with
+    ``A = -exp(A_logs)``, skip ``Ds``, delta bias ``dt_projs_bias[k]`` and softplus. The ``K`` scans
+    run as one scan of ``K*d`` channels with ``K`` groups of ``B, C``, in float32 (float64 stays).
+    """
+    batch, routes, inner, length = xs.shape
+    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, module.x_proj_weight)
+    dts, bs, cs = x_dbl.split([module.dt_rank, module.d_state, module.d_state], dim=2)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, module.dt_projs_weight)
+    compute = torch.promote_types(xs.dtype, torch.float32)
+    ys = selective_scan(
+        xs.reshape(batch, routes * inner, length).to(compute),
+        dts.reshape(batch, routes * inner, length).to(compute),
+        -torch.exp(module.A_logs.to(compute)),
+        bs.to(compute).contiguous(),
+        cs.to(compute).contiguous(),
+        D=module.Ds.to(compute),
+        delta_bias=module.dt_projs_bias.reshape(-1).to(compute),
+        delta_softplus=True,
+    )
+    return ys.view(batch, routes, inner, length)
+
+
 class SS2D(nn.Module):
     """The 2D selective scan mixer (see the module docstring): ``(B, H, W, C)`` -> ``(B, H, W, C)``.
 
@@ -248,20 +305,7 @@ class SS2D(nn.Module):
         self.conv2d = nn.Conv2d(
             inner, inner, d_conv, padding=(d_conv - 1) // 2, groups=inner, bias=True
         )
-        bound = inner**-0.5
-        self.x_proj_weight = nn.Parameter(
-            torch.empty(routes, rank + 2 * d_state, inner).uniform_(-bound, bound)
-        )
-        bound = dt_scale * rank**-0.5
-        self.dt_projs_weight = nn.Parameter(
-            torch.empty(routes, inner, rank).uniform_(-bound, bound)
-        )
-        log_dt = torch.empty(routes, inner).uniform_(math.log(dt_min), math.log(dt_max))
-        dt = log_dt.exp().clamp(min=dt_init_floor)
-        self.dt_projs_bias = nn.Parameter(inverse_softplus(dt))
-        n = torch.arange(1, d_state + 1, dtype=torch.float32)
-        self.A_logs = nn.Parameter(n.log().repeat(routes * inner, 1))
-        self.Ds = nn.Parameter(torch.ones(routes * inner))
+        add_route_ssm(self, routes, inner, d_state, rank, dt_min, dt_max, dt_init_floor, dt_scale)
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, dim, bias=False)
 
@@ -271,22 +315,8 @@ class SS2D(nn.Module):
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
         xs = cross_scan(x, VMAMBA_ROUTES)  # (B, K, D, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, bs, cs = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        routes, inner, length = xs.shape[1], xs.shape[2], xs.shape[3]
-        compute = torch.promote_types(xs.dtype, torch.float32)
-        ys = selective_scan(
-            xs.reshape(batch, routes * inner, length).to(compute),
-            dts.reshape(batch, routes * inner, length).to(compute),
-            -torch.exp(self.A_logs.to(compute)),
-            bs.to(compute).contiguous(),
-            cs.to(compute).contiguous(),
-            D=self.Ds.to(compute),
-            delta_bias=self.dt_projs_bias.reshape(-1).to(compute),
-            delta_softplus=True,
-        )
-        y = cross_merge(ys.view(batch, routes, inner, length), VMAMBA_ROUTES, height, width)
+        ys = route_ssm(self, xs)
+        y = cross_merge(ys, VMAMBA_ROUTES, height, width)
         y = self.out_norm(y.permute(0, 2, 3, 1)) * F.silu(z)
         return self.out_proj(y)
 
