@@ -115,7 +115,10 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise FileFormatError(f"{path}: not a safetensors file ({err})") from None
+        raise FileFormatError(
+            f"{path}: not a safetensors file ({err}); DIRECT and fastMRI checkpoints (.pt) are "
+            f"converted with 'kscan import-checkpoint'"
+        ) from None
     if metadata.get("kscan_format") != FORMAT_VERSION:
         raise FileFormatError(
             f"{path}: not a kscan checkpoint (metadata 'kscan_format' is "

@@ -15,21 +15,34 @@ import kscan
 from kscan.errors import KscanError
 from kscan.pipelines import (
     bench_io,
+    bench_models,
     bench_physics,
     bench_scan,
     convert_cmd,
     demo,
     evaluate,
+    import_cmd,
     info,
     reconstruct,
     simulate,
+    train_cmd,
     undersample,
 )
 
-COMMANDS = (demo, simulate, undersample, reconstruct, convert_cmd, evaluate, info)
+COMMANDS = (
+    demo,
+    simulate,
+    undersample,
+    reconstruct,
+    import_cmd,
+    convert_cmd,
+    evaluate,
+    info,
+    train_cmd,
+)
 """Modules with a ``register(subparsers)`` function, one per subcommand, in ``--help`` order."""
 
-BENCHMARKS = (bench_physics, bench_io, bench_scan)
+BENCHMARKS = (bench_physics, bench_io, bench_scan, bench_models)
 """Modules registering a ``kscan bench SUITE`` subcommand."""
 
 

@@ -1,4 +1,4 @@
-"""``kscan reconstruct``: classical reconstruction of fastMRI-layout k-space files.
+"""``kscan reconstruct``: classical or learned reconstruction of fastMRI-layout k-space files.
 
 For every volume: the sampling mask is the file's ``mask`` (test-style files), or a mask made on
 the fly with ``--mask`` (seeded by the file name, as ``kscan undersample`` does), or none (fully
@@ -8,14 +8,18 @@ lines are sampled and the ACS estimate otherwise). Slices are reconstructed in b
 
 - ``zf``: zero-filled, the SENSE combination ``A^H y`` (``--maps none``: the RSS);
 - ``sense``: CG-SENSE with Tikhonov weight ``--lam``;
-- ``cs``: compressed sensing, L1-wavelet (``--regularizer wavelet``) or total variation (``tv``).
+- ``cs``: compressed sensing, L1-wavelet (``--regularizer wavelet``) or total variation (``tv``);
+- a learned reconstruction model of the registry (``rvn``, ``varnet``, ...), from a kscan
+  checkpoint (``--checkpoint``; the weights shipped with kscan without it), which estimates its own
+  coil maps (:mod:`kscan.pipelines.model_inference`).
 
 The image magnitude is cropped to the header's recon size (complex crop, then magnitude; a volume
 narrower than the recon width is cropped to ``(W, W)``, as fastMRI does) and written by output
 extension or ``--format``: ``.h5`` (fastMRI's submission layout: ``reconstruction``
 ``(slices, rH, rW)`` float32, with the provenance as the JSON attribute ``kscan_provenance``),
 ``.nii``/``.nii.gz`` (with a JSON provenance sidecar) or ``--format dicom`` (a derived MR series
-folder per volume). Voxel sizes come from the header's recon field of view.
+folder per volume). Voxel sizes come from the header's recon field of view. The provenance holds
+the settings and, for a learned method, the model's name and config and the checkpoint's SHA-256.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from kscan.errors import ConfigError, about_file
+from kscan.models import registry
 from kscan.physics import solvers
 from kscan.physics.coilmaps import acs_maps, center_lines, espirit_maps
 from kscan.physics.masks import MASK_KINDS, apply_mask
@@ -43,11 +48,13 @@ from kscan.pipelines.cli_args import add_device, add_quiet, device
 from kscan.pipelines.io.dicom_write import write_mr_series
 from kscan.pipelines.io.fastmri import FastMRIFile, FastMRIMetadata
 from kscan.pipelines.io.nifti import axial_affine, volume_to_nifti_array, write_nifti
+from kscan.pipelines.model_inference import load_reconstructor
 from kscan.pipelines.provenance import provenance_record
 from kscan.pipelines.synthetic import center_crop
 from kscan.pipelines.undersample import volume_mask
 
 METHODS = ("zf", "sense", "cs")
+"""The classical methods; the learned ones are the registry's reconstruction models."""
 FORMATS = {"h5": ".h5", "nifti": ".nii.gz", "dicom": ""}
 """Output formats and the suffix of each volume's output (a DICOM series is a folder)."""
 MAPS = ("auto", "espirit", "acs", "file", "none")
@@ -57,25 +64,38 @@ ESPIRIT_MIN_LINES = 24
 """ESPIRiT's default calibration width; with fewer lines its 6x6 kernels are poorly determined."""
 REGULARIZERS = ("wavelet", "tv")
 
+BatchSolve = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""``(masked k-space (batch, coil, H, W), mask (W,), (1, W) or (H, W), the file's maps or None)`` ->
+image ``(batch, H, W)``: what differs between methods in :func:`reconstruct_file`."""
+
+
+def learned_methods() -> list[str]:
+    """The registry's reconstruction models, usable as ``--method``."""
+    return registry.names("reconstruction")
+
 
 @dataclass(frozen=True)
 class ReconSettings:
-    """What ``kscan reconstruct`` does to each volume (every field is recorded in the provenance)."""
+    """What ``kscan reconstruct`` does to each volume (every field is recorded in the provenance).
+
+    ``batch_size`` None: 4 slices for the classical methods, 1 for the learned ones.
+    """
 
     method: str = "sense"
     maps: str = "auto"
     regularizer: str = "wavelet"
     lam: float | None = None
     max_iter: int | None = None
-    batch_size: int = 4
+    batch_size: int | None = None
     mask: str | None = None
     acceleration: float = 4.0
     center_fraction: float = 0.08
     seed: int | None = None
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
-            ("--method", self.method, METHODS),
+            ("--method", self.method, (*METHODS, *learned_methods())),
             ("--maps", self.maps, MAPS),
             ("--regularizer", self.regularizer, REGULARIZERS),
         ):
@@ -85,8 +105,36 @@ class ReconSettings:
             raise ConfigError(
                 f"--maps none: only --method zf works without coil maps, got {self.method!r}"
             )
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", 1 if self.learned else 4)
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size: expected at least 1, got {self.batch_size}")
+        if self.learned:
+            classical = {"--maps": self.maps != "auto", "--lam": self.lam is not None}
+            classical["--max-iter"] = self.max_iter is not None
+            classical["--regularizer"] = self.regularizer != "wavelet"
+            given = [name for name, set_ in classical.items() if set_]
+            if given:
+                raise ConfigError(
+                    f"{given[0]}: an option of the classical methods; the learned method "
+                    f"{self.method!r} estimates its own coil maps and has no weight or iterations"
+                )
+        elif self.checkpoint is not None:
+            raise ConfigError(
+                f"--checkpoint: only for the learned methods ({', '.join(learned_methods())}), "
+                f"got --method {self.method}"
+            )
+
+    @property
+    def learned(self) -> bool:
+        """Whether the method is a learned model of the registry."""
+        return self.method not in METHODS
+
+    def parameters(self) -> dict[str, Any]:
+        """The settings that apply to the method, for the provenance."""
+        values = asdict(self)
+        drop = ("maps", "regularizer", "lam", "max_iter") if self.learned else ("checkpoint",)
+        return {k: v for k, v in values.items() if k not in drop}
 
     def solver(self) -> Callable[..., solvers.ReconResult]:
         """The solver function with the configured weight and iteration cap bound."""
@@ -105,18 +153,27 @@ class ReconSettings:
         return lambda kspace, mask, maps: fn(kspace, mask, maps, **options)
 
 
+def classical_solve(settings: ReconSettings) -> BatchSolve:
+    """The :data:`BatchSolve` of a classical method: coil maps (:data:`MAPS`), then the solver."""
+    solve = settings.solver()
+
+    def run(kspace: torch.Tensor, mask: torch.Tensor, stored: torch.Tensor | None) -> torch.Tensor:
+        return solve(kspace, mask, _coil_maps(settings, kspace, mask, stored)).image
+
+    return run
+
+
 def _coil_maps(
     settings: ReconSettings,
     kspace: torch.Tensor,
     mask: torch.Tensor,
     stored: torch.Tensor | None,
-    path: Path,
 ) -> torch.Tensor | None:
     if settings.maps == "none":
         return None
     if settings.maps == "file":
         if stored is None:
-            raise ConfigError(f"{path}: --maps file, but the file has no 'sensitivity_map' dataset")
+            raise ConfigError("--maps file: the file has no 'sensitivity_map' dataset")
         return stored
     use_acs = settings.maps == "acs" or (
         settings.maps == "auto" and center_lines(mask)[1] < ESPIRIT_MIN_LINES
@@ -143,12 +200,20 @@ class Reconstruction:
 
 
 def reconstruct_file(
-    path: str | os.PathLike[str], settings: ReconSettings, dev: torch.device, quiet: bool = True
+    path: str | os.PathLike[str],
+    settings: ReconSettings,
+    solve: BatchSolve,
+    dev: torch.device,
+    quiet: bool = True,
 ) -> Reconstruction:
-    """Reconstruct one fastMRI-layout file (see the module docstring)."""
+    """Reconstruct one fastMRI-layout file (see the module docstring) with ``solve``.
+
+    The mask (the file's, one made with ``settings.mask``, or all ones) goes to ``dev`` once; each
+    batch of ``settings.batch_size`` slices is read, masked and solved, and its magnitude cropped to
+    the recon size. Errors name ``path``.
+    """
     path = Path(path)
-    solve = settings.solver()
-    with FastMRIFile(path) as f:
+    with about_file(path), FastMRIFile(path) as f:
         meta = f.metadata
         width = meta.matrix_size[-1]
         if meta.has_mask:
@@ -179,8 +244,7 @@ def reconstruct_file(
                 if meta.has_sensitivity_map
                 else None
             )
-            maps = _coil_maps(settings, kspace, mask, stored, path)
-            image = solve(kspace, mask, maps).image
+            image = solve(kspace, mask, stored)
             out[start:stop] = center_crop(image, crop).abs().cpu().numpy()
     return Reconstruction(out, voxel_size(meta, crop))
 
@@ -210,7 +274,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``kscan reconstruct``."""
     parser = sub.add_parser(
         "reconstruct",
-        help="reconstruct fastMRI-layout k-space files (zero-filled, CG-SENSE, compressed sensing)",
+        help="reconstruct fastMRI-layout k-space files (zero-filled, CG-SENSE, CS, learned models)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: kscan reconstruct data/h5_4x recon/ --method sense --maps espirit",
@@ -224,7 +288,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="output format (default: by the output's extension; h5 for folders)",
     )
     parser.add_argument(
-        "--method", default="sense", choices=METHODS, help="reconstruction (default sense)"
+        "--method",
+        default="sense",
+        choices=(*METHODS, *learned_methods()),
+        help="reconstruction (default sense); learned: " + ", ".join(learned_methods()),
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="kscan .safetensors checkpoint of the learned --method (default: shipped weights); "
+        "convert DIRECT/fastMRI files with 'kscan import-checkpoint'",
     )
     parser.add_argument(
         "--maps",
@@ -242,7 +315,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-iter", type=int, default=None, help="iteration cap (default: the solver's)"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=4, help="slices solved together (default 4)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="slices solved together (default 4; 1 for learned methods: a 640x368 slice with "
+        "15 coils takes about 2.5 GB in RVN)",
     )
     parser.add_argument(
         "--mask",
@@ -274,15 +351,24 @@ def _main(args: argparse.Namespace) -> None:
         acceleration=args.acceleration,
         center_fraction=args.center_fraction,
         seed=args.seed,
+        checkpoint=args.checkpoint,
     )
     dev = device(args.device)
     output_format = args.format or output_format_of(Path(args.output))
     pairs = output_pairs(args.input, args.output, FORMATS[output_format])
+    parameters = settings.parameters() | {"device": str(dev)}
+    checkpoint = None
+    if settings.learned:
+        learned = load_reconstructor(settings.method, settings.checkpoint, dev)
+        solve: BatchSolve = learned
+        checkpoint = learned.checkpoint.path
+        parameters |= {"checkpoint": str(checkpoint), "model_config": learned.checkpoint.config}
+    else:
+        solve = classical_solve(settings)
     for src, dst in tqdm(pairs, desc="reconstructing", disable=args.quiet):
-        with about_file(src):
-            recon = reconstruct_file(src, settings, dev, quiet=args.quiet)
+        recon = reconstruct_file(src, settings, solve, dev, quiet=args.quiet)
         record = provenance_record(
-            model=settings.method, parameters=asdict(settings) | {"device": str(dev)}, inputs=[src]
+            model=settings.method, parameters=parameters, inputs=[src], checkpoint=checkpoint
         )
         write_reconstruction(dst, recon, output_format, record)
         tqdm.write(f"{dst}: {recon.volume.shape[0]} slices, {settings.method}")

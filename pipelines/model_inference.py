@@ -1,0 +1,112 @@
+"""Learned reconstruction of k-space batches with a registry model loaded once from a checkpoint.
+
+:func:`load_reconstructor` reads a kscan checkpoint (``--checkpoint``, or the weights shipped for
+the model), checks that it holds the asked-for model, and returns a :class:`Reconstructor`, the
+per-batch solve of ``kscan reconstruct``: for masked k-space ``y`` ``(batch, coil, H, W)`` in the
+centered layout of fastMRI files and the volume's mask ``m`` (``(W,)``, ``(1, W)`` or ``(H, W)``)::
+
+    M     = m as (1, 1, 1, W) or (1, 1, H, W)
+    k_T   = model(y, M)                    the model's k-space, centre lines found from M
+    image = model.image(k_T)               RSS (batch, H, W)
+
+A model with the uncentered FFT convention (``model.centered`` False, Calgary-Campinas) gets
+``ifftshift(y)`` and ``ifftshift(M)`` over (H, W), and its image is ``fftshift``-ed back, so that
+the image is in the file's layout: with ``y = fftshift(F ifftshift(x))``, ``F^-1 ifftshift(y) =
+ifftshift(x)``. The k-space enters as stored, without scaling. Batches run under
+``torch.inference_mode`` on the model's device, so no autograd graph is kept: memory is the
+weights plus one batch's activations.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kscan.errors import ConfigError, ShapeError
+from kscan.pipelines.checkpoint import Checkpoint, load_model, shipped_weights
+
+_DIMS = (-2, -1)
+
+
+@dataclass
+class Reconstructor:
+    """A loaded reconstruction model as a per-batch solve (see the module docstring).
+
+    Attributes:
+        name: the registry name of the model.
+        model: the network, in evaluation mode, on its device.
+        checkpoint: the checkpoint it was loaded from (path, config, metadata).
+    """
+
+    name: str
+    model: nn.Module
+    checkpoint: Checkpoint
+
+    def __call__(
+        self, kspace: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """RSS image ``(batch, H, W)`` of masked k-space ``(batch, coil, H, W)`` and its mask.
+
+        ``mask`` is ``(W,)``, ``(1, W)`` or ``(H, W)``, the same for every slice of the batch; ``maps`` (a
+        file's stored coil maps) are not used: the model estimates its own.
+        """
+        model_mask = model_layout_mask(mask, kspace)
+        centered = self.model.centered
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            kspace, model_mask = kspace.to(device), model_mask.to(device)
+            if not centered:
+                kspace = torch.fft.ifftshift(kspace, dim=_DIMS)
+                model_mask = torch.fft.ifftshift(model_mask, dim=_DIMS)
+            image = self.model.image(self.model(kspace, model_mask))
+            return image if centered else torch.fft.fftshift(image, dim=_DIMS)
+
+
+def model_layout_mask(mask: torch.Tensor, kspace: torch.Tensor) -> torch.Tensor:
+    """A mask ``(W,)``, ``(1, W)`` or ``(H, W)`` as ``(1, 1, 1, W)`` or ``(1, 1, H, W)`` for ``kspace``.
+
+    Raises:
+        ShapeError: the mask's width (or height) differs from the k-space's ``(H, W)``.
+    """
+    height, width = kspace.shape[-2:]
+    if (
+        mask.ndim not in (1, 2)
+        or mask.shape[-1] != width
+        or mask.shape[:-1]
+        not in (
+            (),
+            (1,),
+            (height,),
+        )
+    ):
+        raise ShapeError(
+            f"mask: shape {tuple(mask.shape)} does not fit k-space {tuple(kspace.shape)}; "
+            f"expected ({width},), (1, {width}) or ({height}, {width})"
+        )
+    return mask.reshape(1, 1, -1, width)
+
+
+def load_reconstructor(
+    method: str, checkpoint: str | os.PathLike[str] | None, device: torch.device | str = "cpu"
+) -> Reconstructor:
+    """The reconstruction model ``method`` from ``checkpoint`` (None: the shipped weights).
+
+    Raises:
+        ConfigError: no weights are shipped for ``method`` and no checkpoint is given, or the
+            checkpoint holds another model or a model of another task.
+        FileFormatError: not a kscan checkpoint (a DIRECT or fastMRI ``.pt`` file: the message
+            points at ``kscan import-checkpoint``), or its tensors do not fit its config (the
+            missing and unexpected keys are named).
+    """
+    path = shipped_weights(method) if checkpoint is None else Path(checkpoint)
+    model, loaded = load_model(path, device, task="reconstruction")
+    if loaded.model != method:
+        raise ConfigError(
+            f"--checkpoint: {path} holds a {loaded.model!r} model; expected {method!r} "
+            f"for --method {method}"
+        )
+    return Reconstructor(method, model, loaded)
