@@ -53,7 +53,11 @@ def test_unknown_keys_are_named(changes, key):
     ("changes", "message"),
     [
         ({"model": "nope"}, "model: unknown model 'nope'"),
-        ({"task": "segmentation"}, "task: expected one of reconstruction"),
+        ({"task": "denoising"}, "task: expected one of reconstruction, segmentation"),
+        (
+            {"task": "segmentation"},
+            "model: 'rvn' is a reconstruction model, expected a segmentation",
+        ),
         ({"data": {"train": "x", "mask_kinds": ["random", "poisson_2d"]}}, "data.mask_kinds"),
         ({"data": {"train": "x", "accelerations": [4, 8]}}, "data.center_fractions"),
         ({"data": {}}, "data.train"),
