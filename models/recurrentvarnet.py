@@ -325,20 +325,50 @@ class RecurrentVarNet(nn.Module):
         Returns:
             k-space ``(batch, coil, H, W)``, complex, or a list of ``num_steps`` of them.
         """
-        _check_inputs(masked_kspace, mask, sensitivity_map)
-        state = None
-        if self.initializer is not None:
-            state = self.initializer(
-                _to_channels(self._initializer_input(masked_kspace, sensitivity_map, initial_image))
-            )
-        kspace, iterates = masked_kspace, []
-        for step in range(self.config.num_steps):
+        check_inputs(masked_kspace, mask, sensitivity_map)
+        state = self.initial_state(masked_kspace, sensitivity_map, initial_image)
+        iterates, _ = self.iterate(
+            masked_kspace, masked_kspace, mask, sensitivity_map, state, range(self.config.num_steps)
+        )
+        return iterates if return_iterates else iterates[-1]
+
+    def initial_state(
+        self,
+        masked_kspace: torch.Tensor,
+        sensitivity_map: torch.Tensor,
+        initial_image: torch.Tensor | None = None,
+    ) -> State | None:
+        """The hidden state before step 0: the initializer's output, or None (zeros)."""
+        if self.initializer is None:
+            return None
+        return self.initializer(
+            _to_channels(self._initializer_input(masked_kspace, sensitivity_map, initial_image))
+        )
+
+    def iterate(
+        self,
+        kspace: torch.Tensor,
+        masked_kspace: torch.Tensor,
+        mask: torch.Tensor,
+        sensitivity_map: torch.Tensor,
+        state: State | None,
+        steps: range,
+    ) -> tuple[list[torch.Tensor], State | None]:
+        """Run ``steps`` (indices into ``0 .. num_steps - 1``) from ``kspace`` and ``state``.
+
+        The hook for models that act between steps (the multitask models add to the state):
+        :meth:`forward` is ``iterate(y, y, mask, S, initial_state(y, S), range(num_steps))``.
+        Returns the k-space after each step and the state after the last (``state`` when
+        ``steps`` is empty).
+        """
+        iterates = []
+        for step in steps:
             block = self.block_list[step if self.config.no_parameter_sharing else 0]
             kspace, state = block(
                 kspace, masked_kspace, mask, sensitivity_map, state, self.config.centered
             )
             iterates.append(kspace)
-        return iterates if return_iterates else kspace
+        return iterates, state
 
     def rss_image(self, kspace: torch.Tensor) -> torch.Tensor:
         """Root sum of squares over coils of ``F^-1 kspace``: ``(batch, coil, H, W)`` -> ``(batch, H, W)``."""
@@ -367,16 +397,19 @@ class RecurrentVarNet(nn.Module):
         return fft2c(initial_image, centered)
 
 
-def _check_inputs(kspace: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor) -> None:
-    """Shapes and dtypes of the forward arguments, with messages naming the argument."""
+def check_inputs(
+    kspace: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor | None = None
+) -> None:
+    """Shapes and dtypes of the forward arguments (maps when given), with messages naming them."""
     require_complex(kspace, "masked_kspace")
     require_ndim(kspace, "masked_kspace", 4, "(batch, coil, H, W)")
-    require_complex(maps, "sensitivity_map")
-    if maps.shape != kspace.shape:
-        raise ShapeError(
-            f"sensitivity_map: expected the shape of masked_kspace (batch, coil, H, W) = "
-            f"{tuple(kspace.shape)}, got {tuple(maps.shape)}"
-        )
+    if maps is not None:
+        require_complex(maps, "sensitivity_map")
+        if maps.shape != kspace.shape:
+            raise ShapeError(
+                f"sensitivity_map: expected the shape of masked_kspace (batch, coil, H, W) = "
+                f"{tuple(kspace.shape)}, got {tuple(maps.shape)}"
+            )
     if mask.is_complex():
         raise ShapeError(f"mask: expected a real or boolean tensor, got {mask.dtype}")
     try:

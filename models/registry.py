@@ -15,6 +15,14 @@ Interfaces by task:
 - ``segmentation``: ``model(image)`` with ``(batch, in_channels, H, W)`` returns
   ``(batch, num_classes, H, W)``: sigmoid probabilities for one class, logits otherwise;
   ``model.forward_logits(image)`` always the logits; H and W multiples of ``config.size_multiple``.
+- ``multitask``: ``model(masked_kspace, mask, num_low_frequencies=None)`` with the
+  reconstruction inputs returns a :class:`kscan.models.multitask.MultitaskOutput`:
+  ``kspace_iterates`` (every reconstruction step's k-space ``(batch, coil, H, W)``),
+  ``image_iterates`` (their ``model.image`` ``(batch, H, W)``) and ``seg_logits`` (the logits
+  ``(batch, num_classes, H, W)`` of each segmentation the model makes, in order; the last is its
+  answer); ``model.image(kspace)`` is the RSS image, ``model.centered`` its FFT convention and
+  ``model.num_classes`` its classes (softmax, background included). Any ``H, W`` (heads pad
+  internally).
 """
 
 from __future__ import annotations
@@ -88,6 +96,32 @@ MODELS: dict[str, ModelSpec] = {
             "MHSVM",
             "MHSVMConfig",
             "MHS-VM (Ji 2024): VM-UNet with multi-head scans over snake, zig-zag, spiral and raster routes",
+        ),
+        ModelSpec(
+            "joint-rvn-seg",
+            "multitask",
+            "kscan.models.multitask",
+            "JointRecSeg",
+            "JointConfig",
+            "RecurrentVarNet cascades with a segmentation head each, segmentation fed back into "
+            "the hidden state (ATOMMIC's MTLRS)",
+        ),
+        ModelSpec(
+            "sequential-rvn-seg",
+            "multitask",
+            "kscan.models.multitask",
+            "SequentialRecSeg",
+            "SequentialConfig",
+            "RecurrentVarNet, then a segmentation head on its image (no feedback)",
+        ),
+        ModelSpec(
+            "idslr",
+            "multitask",
+            "kscan.models.idslr",
+            "IDSLR",
+            "IDSLRConfig",
+            "Unrolled coil-wise U-Net with proximal data consistency and a segmentation decoder "
+            "sharing its encoder (ATOMMIC's IDSLR)",
         ),
     )
 }

@@ -67,8 +67,41 @@ def transpose_conv_block(in_channels: int, out_channels: int) -> _Block:
     )
 
 
+def _decoder_layers(
+    out_channels: int, num_filters: int, num_pool_layers: int, dropout_probability: float
+) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The decoder's ``up_conv`` and ``up_transpose_conv`` lists, deepest level first."""
+    widths = [num_filters * 2**i for i in range(num_pool_layers + 1)]
+    levels = range(num_pool_layers - 1, -1, -1)
+    up_conv: list[nn.Module] = [
+        conv_block(widths[i + 1], widths[i], dropout_probability) for i in levels
+    ]
+    up_conv[-1] = nn.Sequential(up_conv[-1], nn.Conv2d(num_filters, out_channels, 1))
+    up_transpose_conv = [transpose_conv_block(widths[i + 1], widths[i]) for i in levels]
+    return nn.ModuleList(up_conv), nn.ModuleList(up_transpose_conv)
+
+
+def _decode(
+    features: list[torch.Tensor], up_transpose_conv: nn.ModuleList, up_conv: nn.ModuleList
+) -> torch.Tensor:
+    """The decoder on :meth:`UNet2d.encode`'s features (skips of levels 0 .. P-1, then the bottom)."""
+    *skips, x = features
+    for upsample, block in zip(up_transpose_conv, up_conv, strict=True):
+        skip = skips.pop()
+        x = upsample(x)
+        short_h, short_w = (s - u for s, u in zip(skip.shape[-2:], x.shape[-2:], strict=True))
+        if short_h or short_w:
+            x = F.pad(x, (0, short_w, 0, short_h), mode="reflect")
+        x = block(torch.cat([x, skip], dim=1))
+    return x
+
+
 class UNet2d(nn.Module):
-    """DIRECT's ``UnetModel2d`` (see the module docstring): ``(batch, in, H, W) -> (batch, out, H, W)``."""
+    """DIRECT's ``UnetModel2d`` (see the module docstring): ``(batch, in, H, W) -> (batch, out, H, W)``.
+
+    ``forward(x) = decode(encode(x))``; the two halves are public so that another decoder
+    (:class:`UNetDecoder2d`) can share the encoder's features.
+    """
 
     def __init__(
         self,
@@ -86,18 +119,17 @@ class UNet2d(nn.Module):
             for i in range(num_pool_layers)
         )
         self.conv = conv_block(widths[-2], widths[-1], dropout_probability)
-        levels = range(num_pool_layers - 1, -1, -1)
-        up_conv: list[nn.Module] = [
-            conv_block(widths[i + 1], widths[i], dropout_probability) for i in levels
-        ]
-        up_conv[-1] = nn.Sequential(up_conv[-1], nn.Conv2d(num_filters, out_channels, 1))
-        self.up_conv = nn.ModuleList(up_conv)
-        self.up_transpose_conv = nn.ModuleList(
-            transpose_conv_block(widths[i + 1], widths[i]) for i in levels
+        self.up_conv, self.up_transpose_conv = _decoder_layers(
+            out_channels, num_filters, num_pool_layers, dropout_probability
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, in, H, W)`` real -> ``(batch, out, H, W)`` (sizes: see the module docstring)."""
+        return self.decode(self.encode(x))
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's features: level ``i``'s output ``(batch, f 2^i, H/2^i, W/2^i)`` for
+        ``i = 0 .. P-1`` (the skips), then the bottom ``(batch, f 2^P, H/2^P, W/2^P)``."""
         require_ndim(x, "x", 4, "(batch, channel, H, W)")
         scale = 2**self.num_pool_layers
         bottom_h, bottom_w = (n // scale for n in x.shape[-2:])
@@ -106,17 +138,35 @@ class UNet2d(nn.Module):
                 f"x: expected H and W >= 2^num_pool_layers = {scale} and one of them >= {2 * scale} "
                 f"(instance norm needs 2 pixels at the bottom level), got {tuple(x.shape[-2:])}"
             )
-        skips = []
+        features = []
         for block in self.down_sample_layers:
             x = block(x)
-            skips.append(x)
+            features.append(x)
             x = F.avg_pool2d(x, kernel_size=2, stride=2)
-        x = self.conv(x)
-        for upsample, block in zip(self.up_transpose_conv, self.up_conv, strict=True):
-            skip = skips.pop()
-            x = upsample(x)
-            short_h, short_w = (s - u for s, u in zip(skip.shape[-2:], x.shape[-2:], strict=True))
-            if short_h or short_w:
-                x = F.pad(x, (0, short_w, 0, short_h), mode="reflect")
-            x = block(torch.cat([x, skip], dim=1))
-        return x
+        features.append(self.conv(x))
+        return features
+
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`encode`'s features -> ``(batch, out, H, W)``."""
+        return _decode(features, self.up_transpose_conv, self.up_conv)
+
+
+class UNetDecoder2d(nn.Module):
+    """A second decoder for a :class:`UNet2d`'s encoder: the same layers as its decoder, with
+    ``out_channels`` outputs. ``forward(unet.encode(x))`` -> ``(batch, out_channels, H, W)``."""
+
+    def __init__(
+        self,
+        out_channels: int,
+        num_filters: int,
+        num_pool_layers: int,
+        dropout_probability: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.up_conv, self.up_transpose_conv = _decoder_layers(
+            out_channels, num_filters, num_pool_layers, dropout_probability
+        )
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Features of :meth:`UNet2d.encode` (same ``num_filters``, ``num_pool_layers``) -> output."""
+        return _decode(features, self.up_transpose_conv, self.up_conv)

@@ -295,6 +295,19 @@ def test_parameter_sharing_reuses_one_block_for_every_step() -> None:
     assert (three - one_step(y, mask, maps)).abs().max() > 1e-6
 
 
+def test_iterate_in_two_parts_with_the_state_passed_on_equals_forward() -> None:
+    model = small_model(num_steps=3)
+    y, mask, maps = problem(seed=4)
+    with torch.no_grad():
+        state = model.initial_state(y, maps)
+        first, state = model.iterate(y, y, mask, maps, state, range(0, 1))
+        rest, _ = model.iterate(first[-1], y, mask, maps, state, range(1, 3))
+        whole = model(y, mask, maps, return_iterates=True)
+        torch.testing.assert_close(first + rest, whole, rtol=0, atol=0)
+        restarted, _ = model.iterate(first[-1], y, mask, maps, None, range(1, 3))
+    assert (restarted[-1] - whole[-1]).abs().max() > 1e-6  # the state matters
+
+
 @pytest.mark.parametrize("mode", ["sense", "zero_filled", "input_image"])
 def test_initializer_is_fed_as_direct_feeds_it(mode: str) -> None:
     """sense: F(sum_c conj(S_c) F^-1 y_c); zero_filled: sum_c y_c; input_image: F(x_0); (real, imag)."""

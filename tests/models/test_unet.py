@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from kscan.errors import ShapeError
 from kscan.models.sensitivity import SensitivityModel
-from kscan.models.unet import UNet2d
+from kscan.models.unet import UNet2d, UNetDecoder2d
 from kscan.physics.coilmaps import acs_maps
 
 KEYS_FILE = Path(__file__).parent / "data" / "direct_recurrentvarnet_keys.txt"
@@ -142,3 +142,17 @@ def test_refines_acs_maps_of_uncentered_odd_kspace() -> None:
 def test_real_maps_are_rejected() -> None:
     with pytest.raises(ShapeError, match="sensitivity_map"):
         SensitivityModel()(torch.zeros(1, 2, 16, 16))
+
+
+def test_second_decoder_on_the_shared_encoder_matches_the_unet_decoder() -> None:
+    torch.manual_seed(0)
+    unet = UNet2d(3, 2, 4, 2).double()
+    decoder = UNetDecoder2d(2, 4, 2).double()
+    decoder.load_state_dict(
+        {k: v for k, v in unet.state_dict().items() if k.startswith("up_")}, strict=True
+    )
+    x = torch.randn(2, 3, 19, 12, dtype=torch.float64)
+    features = unet.encode(x)
+    assert [f.shape[1:] for f in features] == [(4, 19, 12), (8, 9, 6), (16, 4, 3)]
+    torch.testing.assert_close(decoder(features), unet(x), rtol=0, atol=0)
+    assert len(features) == 3  # decoding leaves the feature list intact
