@@ -16,6 +16,7 @@ from kscan.errors import KscanError
 from kscan.pipelines import (
     bench_io,
     bench_models,
+    bench_parallel,
     bench_physics,
     bench_scan,
     convert_cmd,
@@ -44,7 +45,7 @@ COMMANDS = (
 )
 """Modules with a ``register(subparsers)`` function, one per subcommand, in ``--help`` order."""
 
-BENCHMARKS = (bench_physics, bench_io, bench_scan, bench_models)
+BENCHMARKS = (bench_physics, bench_io, bench_scan, bench_models, bench_parallel)
 """Modules registering a ``kscan bench SUITE`` subcommand."""
 
 

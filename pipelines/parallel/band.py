@@ -1,0 +1,290 @@
+"""Exact band-parallel inference for VM-UNet and MHS-VM: each rank holds a band of image rows.
+
+The image rows are split into ``P`` bands, one per rank, each a multiple of the network's size
+multiple ``m = 4 * 2^(stages-1)`` rows (as even as possible; ``H >= P m`` is required: the
+replication of thin low-resolution levels is not implemented). The model's own modules run on
+the band unchanged, except each VSS block's mixer (:class:`~kscan.models.vmunet.SS2D` or
+:class:`~kscan.models.mhs.MHSMixer`), which is swapped, for the duration of the call, for a band
+version with the same maths:
+
+- **Per-token operations** (LayerNorms, linear layers, gates, route attention) are local.
+- **Patch embedding** (4x4, stride 4), **patch merging** and **expanding** stay within bands,
+  because every band starts on a multiple of ``m`` rows (even heights at every level).
+- **Depthwise convolutions** (``k x k``, dilation ``q``) get ``q (k // 2)`` halo rows from each
+  neighbouring rank; zero padding only at the true image border (and at the left/right sides).
+- **Scans** follow :mod:`kscan.pipelines.parallel.chains`: each rank scans its segments of every
+  route from a zero state, one all-gather exchanges every segment's summary (decay and end state,
+  ``(batch, D, N)`` each), and each rank adds the decayed true incoming state to its outputs.
+  The same code serves every route (rows, columns, snakes, zig-zags, spirals, reverses).
+
+The result equals the single-process forward up to rounding (float32 about 1e-6, float64 about
+1e-15). Only inference: the model must be in eval mode (drop-path is random in training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from kscan.errors import ConfigError, ShapeError
+from kscan.kernels.routes import VMAMBA_ROUTES
+from kscan.kernels.scan_reference import discretize
+from kscan.models.mhs import FAMILIES, MHSMixer, route_attention
+from kscan.models.vmunet import SS2D, VMUNet, VSSBlock
+from kscan.pipelines.parallel.chains import (
+    finish,
+    gathered_summaries,
+    incoming_states,
+    local_pass,
+    padded_length,
+    route_plan,
+)
+from kscan.pipelines.parallel.comm import Comm
+
+
+def band_bounds(height: int, ranks: int, multiple: int) -> tuple[int, ...]:
+    """Row bounds ``(0, b_1, ..., H)`` of ``ranks`` bands, each a multiple of ``multiple`` rows,
+    heights differing by at most ``multiple`` (the first bands take the extra units)."""
+    if height % multiple or height < ranks * multiple:
+        raise ShapeError(
+            f"x: expected H a multiple of {multiple} and at least {ranks} x {multiple} = "
+            f"{ranks * multiple} rows for {ranks} bands, got H={height}"
+        )
+    units, extra = divmod(height // multiple, ranks)
+    bounds = [0]
+    for r in range(ranks):
+        bounds.append(bounds[-1] + (units + (r < extra)) * multiple)
+    return tuple(bounds)
+
+
+class BandParallelSegmenter:
+    """Run a :class:`~kscan.models.vmunet.VMUNet` (or MHS-VM) with its image rows split over
+    the ranks of ``group``.
+
+    Call it with the whole image ``x (batch, c, H, W)`` on every rank to get the whole output
+    on every rank, or use :meth:`forward_band` with this rank's band only. ``comm`` holds the byte
+    counters. Without a process group it runs as one rank (the plain forward, through the band
+    code).
+    """
+
+    def __init__(self, model: VMUNet, group: dist.ProcessGroup | None = None) -> None:
+        if not isinstance(model, VMUNet):
+            raise ConfigError(f"model: expected a VMUNet or MHSVM, got {type(model).__name__}")
+        self.model = model
+        self.comm = Comm(group)
+        self.multiple = model.config.size_multiple
+        self._bounds: tuple[int, ...] | None = None
+        self._swaps: list[tuple[VSSBlock, nn.Module, nn.Module]] = []
+        for block in model.modules():
+            if not isinstance(block, VSSBlock):
+                continue
+            mixer = block.self_attention
+            if isinstance(mixer, SS2D):
+                banded: nn.Module = _BandSS2D(mixer, self)
+            elif isinstance(mixer, MHSMixer):
+                banded = _BandMHS(mixer, self)
+            else:
+                raise ConfigError(
+                    f"model: mixer {type(mixer).__name__} has no band-parallel version "
+                    "(SS2D and MHSMixer have)"
+                )
+            self._swaps.append((block, mixer, banded))
+
+    def bounds(self, height: int) -> tuple[int, ...]:
+        """Input row bounds of the bands for an image of ``height`` rows."""
+        return band_bounds(height, self.comm.world_size, self.multiple)
+
+    @contextlib.contextmanager
+    def _banded(self, bounds: tuple[int, ...]) -> Iterator[None]:
+        self._bounds = bounds
+        for block, _, banded in self._swaps:
+            block.self_attention = banded
+        try:
+            yield
+        finally:
+            for block, mixer, _ in self._swaps:
+                block.self_attention = mixer
+            self._bounds = None
+
+    def forward_band(self, band: torch.Tensor, height: int) -> torch.Tensor:
+        """This rank's output rows ``(batch, classes, h, W)`` from its input rows ``band
+        (batch, c, h, W)`` of an image of ``height`` rows (``h`` from :meth:`bounds`)."""
+        if self.model.training:
+            raise ConfigError("model: expected eval mode for band-parallel inference")
+        bounds = self.bounds(height)
+        rank = self.comm.rank
+        expected = bounds[rank + 1] - bounds[rank]
+        if band.ndim != 4 or band.shape[-2] != expected:
+            raise ShapeError(
+                f"band: expected shape (batch, c, {expected}, W) for rank {rank} of an image of "
+                f"{height} rows, got {tuple(band.shape)}"
+            )
+        with torch.no_grad(), self._banded(bounds):
+            return self.model(band)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (batch, c, H, W)`` (the same on every rank) -> the model's output
+        ``(batch, classes, H, W)`` on every rank."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            found = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ShapeError(f"x: expected shape (batch, c, H, W), got {found}")
+        height = x.shape[-2]
+        bounds = self.bounds(height)
+        rank = self.comm.rank
+        out = self.forward_band(x[..., bounds[rank] : bounds[rank + 1], :], height)
+        heights = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+        return self.comm.all_gather_rows(out, heights, "gather")
+
+    # -- the pieces the band mixers call ------------------------------------------------------
+
+    def level_bounds(self, rows: int) -> tuple[int, ...]:
+        """Row bounds at the level where this rank's band has ``rows`` rows."""
+        assert self._bounds is not None
+        rank = self.comm.rank
+        factor, rest = divmod(self._bounds[rank + 1] - self._bounds[rank], rows)
+        if rest or any(b % factor for b in self._bounds):
+            raise ShapeError(f"band of {rows} rows does not divide the input bands {self._bounds}")
+        return tuple(b // factor for b in self._bounds)
+
+    def conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """``conv`` (stride 1, zero 'same' padding) on the band ``x (batch, C, h, W)``, with halo
+        rows from the neighbouring ranks and zero padding only at the image border."""
+        (kh, _), (dh, _), (ph, pw) = conv.kernel_size, conv.dilation, conv.padding
+        if conv.stride != (1, 1) or conv.padding_mode != "zeros" or ph != dh * (kh // 2):
+            raise ConfigError(
+                f"conv: expected stride 1 and zero 'same' padding, got stride {conv.stride}, "
+                f"padding {conv.padding} ({conv.padding_mode}) for kernel {conv.kernel_size}"
+            )
+        if ph > x.shape[-2]:
+            raise ShapeError(f"x: a band of {x.shape[-2]} rows is thinner than the halo of {ph}")
+        above, below = self.comm.exchange_halos(x, ph)
+        border = x.new_zeros(*x.shape[:-2], ph, x.shape[-1])
+        x = torch.cat(
+            [border if above is None else above, x, border if below is None else below], -2
+        )
+        return F.conv2d(x, conv.weight, conv.bias, 1, (0, pw), conv.dilation, conv.groups)
+
+    def route_scans(self, ssm: nn.Module, x: torch.Tensor, routes: Sequence[str]) -> torch.Tensor:
+        """The route scans of :func:`kscan.models.vmunet.route_ssm` for the band ``x (batch, d,
+        h, W)`` read along each of ``routes`` over the whole image: ``(batch, K, d, h, W)``, entry
+        ``k`` being route ``k``'s outputs at this band's pixels (``cross_merge`` of one route,
+        restricted to the band)."""
+        batch, inner, rows, width = x.shape
+        bounds = self.level_bounds(rows)
+        rank, n, rank_r = self.comm.rank, ssm.d_state, ssm.dt_rank
+        xs = x.flatten(2)
+        # route_ssm's per-token projections, on the band's pixels in row-major order
+        x_dbl = torch.einsum("bdl,kcd->bkcl", xs, ssm.x_proj_weight)
+        dts, bs, cs = x_dbl.split([rank_r, n, n], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, ssm.dt_projs_weight)
+        compute = torch.promote_types(xs.dtype, torch.float32)
+        A = -torch.exp(ssm.A_logs.to(compute))
+        Ds = ssm.Ds.to(compute)
+        bias = ssm.dt_projs_bias.to(compute)
+        passes = []
+        for k, name in enumerate(routes):
+            plan = route_plan(name, bounds[-1], width, bounds, rank, x.device)
+            channels = slice(k * inner, (k + 1) * inner)
+            delta = discretize(dts[:, k].to(compute), bias[k], True)
+            passes.append(
+                local_pass(
+                    plan,
+                    xs.to(compute),
+                    delta,
+                    A[channels],
+                    bs[:, k].to(compute),
+                    cs[:, k].to(compute),
+                    Ds[channels],
+                )
+            )
+        per_rank = self._exchange([p.summaries for p in passes], [p.plan.counts for p in passes])
+        ys = []
+        for k, p in enumerate(passes):
+            everything = gathered_summaries(p.plan, [r[k] for r in per_rank])
+            h_in = incoming_states(everything)[p.plan.owner == rank]
+            ys.append(finish(p, h_in))
+        return torch.stack(ys, dim=1).unflatten(-1, (rows, width))
+
+    def _exchange(
+        self, summaries: list[torch.Tensor], counts: list[tuple[int, ...]]
+    ) -> list[list[torch.Tensor]]:
+        """One all-gather of every route's summaries: ``out[r][k]`` is rank ``r``'s
+        ``(segments, 2, batch, d, N)`` of route ``k``."""
+        sizes = [padded_length(c) for c in counts]
+        pieces = []
+        for s, size in zip(summaries, sizes, strict=True):
+            padded = s.new_zeros(size, *s.shape[1:])
+            padded[: s.shape[0]] = s
+            pieces.append(padded.flatten())
+        shapes = [s.shape[1:] for s in summaries]
+        gathered = self.comm.all_gather(torch.cat(pieces), "summaries")
+        out = []
+        for r, flat in enumerate(gathered):
+            parts = flat.split([p.numel() for p in pieces])
+            out.append(
+                [
+                    part.view(size, *shape)[: c[r]]
+                    for part, size, shape, c in zip(parts, sizes, shapes, counts, strict=True)
+                ]
+            )
+        return out
+
+
+class _BandSS2D(nn.Module):
+    """:class:`~kscan.models.vmunet.SS2D`'s forward with the band convolution and route scans."""
+
+    def __init__(self, inner: SS2D, runner: BandParallelSegmenter) -> None:
+        super().__init__()
+        self.inner = inner
+        self.runner = runner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.inner
+        x, z = m.in_proj(x).chunk(2, dim=-1)
+        x = F.silu(self.runner.conv(m.conv2d, x.permute(0, 3, 1, 2)))
+        ys = self.runner.route_scans(m, x, VMAMBA_ROUTES)
+        y = ys[:, 0]
+        for k in range(1, ys.shape[1]):  # cross_merge's order
+            y = y + ys[:, k]
+        y = m.out_norm(y.permute(0, 2, 3, 1)) * F.silu(z)
+        return m.out_proj(y)
+
+
+class _BandMHS(nn.Module):
+    """:class:`~kscan.models.mhs.MHSMixer`'s forward with the band convolution and route scans."""
+
+    def __init__(self, inner: MHSMixer, runner: BandParallelSegmenter) -> None:
+        super().__init__()
+        self.inner = inner
+        self.runner = runner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, mhs = self.inner, self.inner.mhs
+        x, z = m.in_proj(x).chunk(2, dim=-1)
+        x = F.silu(self.runner.conv(m.conv2d, x.permute(0, 3, 1, 2)))
+        parts = torch.einsum("bchw,oc->bohw", x, mhs.x_ssproj.weight).chunk(mhs.heads, dim=1)
+        ys = []
+        for family, part in zip(FAMILIES, parts, strict=False):
+            head = getattr(mhs, f"scanhead_{family}")
+            scans = self.runner.route_scans(head.mambaeng, part, head.routes)
+            ys.append(route_attention(scans, mhs.threshold))
+        y = torch.cat(ys, dim=1).permute(0, 2, 3, 1)
+        return m.out_norm(mhs.y_proj(mhs.cat_norm(y))) * F.silu(z)
+
+
+def segment_in_bands(model: VMUNet, x: torch.Tensor) -> dict[str, object]:
+    """One rank's part of a band-parallel forward (for :func:`~kscan.pipelines.parallel.launch`):
+    ``{"output": (batch, classes, H, W) on rank 0 (None elsewhere), "sent": {...},
+    "received": {...}}`` with this rank's byte counts per kind of exchange."""
+    runner = BandParallelSegmenter(model.eval())
+    out = runner(x)
+    return {
+        "output": out if runner.comm.rank == 0 else None,
+        "sent": dict(runner.comm.sent),
+        "received": dict(runner.comm.received),
+    }
