@@ -10,6 +10,17 @@ lines, under ``torch.inference_mode``):
 - ``varnet``: fastMRI's leaderboard configuration (12 cascades, 18 channels, 4 pools, sensitivity
   U-Net 8 channels / 4 pools) on the same input, when the model is registered.
 
+``--task segmentation`` rows (one 256 x 256 one-channel image, batch 1, 6 classes, logits):
+VM-UNet and MHS-VM (4 heads) at the reference dims ``[96, 192, 384, 768]`` (27.4 M and 17.3 M
+parameters) and at the small dims ``[32, 64, 128, 256]`` of the shipped recipes
+(``configs/train_vmunet_synthetic.yaml``, ``configs/train_mhsvm_synthetic.yaml``), on the torch
+scan; as peers MONAI's ``UNet`` (2D, channels 64 .. 1024, 2 residual units: 26.0 M) and
+``SwinUNETR`` (2D, feature size 48: 25.1 M), of the reference VM-UNet's size.
+
+``--task multitask`` rows: the multitask recipes (``configs/train_*_synthetic.yaml``:
+joint RecurrentVarNet + VM-UNet or MHS-VM, sequential, IDSLR) on one 4-coil 160 x 128 slice
+with the reconstruction task's mask.
+
 Each candidate runs in a fresh process (``spawn``): build, warm up, time ``--repeats`` calls
 (median), and record the memory as the **process RSS delta**: the peak resident set size during
 the calls (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` just before; elsewhere
@@ -173,8 +184,112 @@ def reconstruction_candidates(quick: bool) -> list[Candidate]:
     return rows
 
 
+# --- segmentation --------------------------------------------------------------------------------
+
+SEG_CLASSES = 6
+
+
+def build_segmentation(config: dict[str, Any], shape: dict[str, int]) -> Built:
+    """A segmentation network (``config["model"]``: a registry name, ``monai-unet`` or
+    ``monai-swinunetr`` with ``config["config"]``) on a uniform random image ``(1, 1, H, W)``."""
+    from monai.networks.nets import SwinUNETR, UNet
+
+    torch.manual_seed(0)
+    name, values = config["model"], config["config"]
+    if name == "monai-unet":
+        model: nn.Module = UNet(2, 1, SEG_CLASSES, **values)
+    elif name == "monai-swinunetr":
+        model = SwinUNETR(in_channels=1, out_channels=SEG_CLASSES, spatial_dims=2, **values)
+    else:
+        model = registry.build_model(name, {"num_classes": SEG_CLASSES, **values})
+    image = torch.rand(1, 1, shape["height"], shape["width"], generator=torch.Generator())
+    return model.eval(), (image,)
+
+
+def segmentation_candidates(quick: bool) -> list[Candidate]:
+    """VM-UNet and MHS-VM at the reference and the shipped small dims, MONAI's UNet and
+    SwinUNETR at the reference VM-UNet's size (module docstring)."""
+    shape = {"height": 64, "width": 64} if quick else {"height": 256, "width": 256}
+    if quick:
+        reference = {
+            "dims": [8, 16, 32, 64],
+            "depths": [1, 1, 1, 1],
+            "depths_decoder": [1, 1, 1, 1],
+        }
+        small = reference
+        unet = {"channels": [4, 8, 16, 32, 64], "strides": [2, 2, 2, 2], "num_res_units": 1}
+        swin = {"feature_size": 12}
+    else:
+        reference = {}
+        small = {"dims": [32, 64, 128, 256]}
+        unet = {"channels": [64, 128, 256, 512, 1024], "strides": [2, 2, 2, 2], "num_res_units": 2}
+        swin = {"feature_size": 48}
+    one_block = {"depths": [1, 1, 1, 1], "depths_decoder": [1, 1, 1, 1]}
+    rows = [
+        ("vmunet", "reference dims", {"model": "vmunet", "config": reference}),
+        ("vmunet", "small (shipped recipe)", {"model": "vmunet", "config": small}),
+        ("mhs-vm", "reference dims, 4 heads", {"model": "mhs-vm", "config": reference}),
+        (
+            "mhs-vm",
+            "small (shipped recipe), 4 heads",
+            {"model": "mhs-vm", "config": small | one_block},
+        ),
+        ("unet", "MONAI", {"model": "monai-unet", "config": unet}),
+        ("swinunetr", "MONAI", {"model": "monai-swinunetr", "config": swin}),
+    ]
+    return [Candidate(m, label, build_segmentation, c, shape) for m, label, c in rows]
+
+
+# --- multitask -----------------------------------------------------------------------------------
+
+
+def multitask_candidates(quick: bool) -> list[Candidate]:
+    """The multitask recipes' models on one slice of the recipes' data size (module docstring)."""
+    shape = (
+        {"coils": 2, "height": 32, "width": 32}
+        if quick
+        else {"coils": 4, "height": 160, "width": 128}
+    )
+    steps, hidden, layers = (2, 6, 1) if quick else (4, 16, 2)
+    rvn = {
+        "learned_sensitivity": False,
+        "network": {
+            "num_steps": steps,
+            "recurrent_hidden_channels": hidden,
+            "recurrent_num_layers": layers,
+        },
+    }
+    dims = [8, 16, 32, 64] if quick else [16, 32, 64, 128]
+    head = {"dims": dims, "depths": [1, 1, 1, 1], "depths_decoder": [1, 1, 1, 1]}
+    common = {"rvn": rvn, "num_classes": SEG_CLASSES}
+    joint = common | {"cascades": 2, "share_head": True}
+    idslr = {
+        "coils": shape["coils"],
+        "num_classes": SEG_CLASSES,
+        "num_filters": 4 if quick else 16,
+        "num_pool_layers": 2 if quick else 3,
+        "iterations": 2 if quick else 4,
+    }
+    rows = [
+        ("joint-rvn-seg", "VM-UNet head", joint | {"head": "vmunet", "head_config": head}),
+        (
+            "joint-rvn-seg",
+            "MHS-VM head",
+            joint | {"head": "mhs-vm", "head_config": head | {"heads": 4}},
+        ),
+        ("sequential-rvn-seg", "VM-UNet head", common | {"head_config": head}),
+        ("idslr", "kscan", idslr),
+    ]
+    return [
+        Candidate(m, label, build_registered, {"model": m, "config": c}, shape)
+        for m, label, c in rows
+    ]
+
+
 TASKS: dict[str, Callable[[bool], list[Candidate]]] = {
     "reconstruction": reconstruction_candidates,
+    "segmentation": segmentation_candidates,
+    "multitask": multitask_candidates,
 }
 """Each task's rows, at full (``quick=False``) or tiny sizes."""
 
@@ -277,7 +392,7 @@ def run(
 
 
 def table(report: dict[str, Any]) -> list[list[object]]:
-    """Rows ``[model, candidate, parameters, median ms / slice, peak RSS delta MiB, kscan speed-up,
+    """Rows ``[model, candidate, parameters, median ms / slice (or image), peak RSS delta MiB, kscan speed-up,
     note]``; the speed-up (this peer's time over kscan's) is on the peer's row."""
     rows: list[list[object]] = []
     for r in report["results"]:

@@ -9,11 +9,16 @@ centered layout of fastMRI files and the volume's mask ``m`` (``(W,)``, ``(1, W)
     k_T   = model(y, M)                    the model's k-space, centre lines found from M
     image = model.image(k_T)               RSS (batch, H, W)
 
+A multitask model (:mod:`kscan.models.registry`'s ``multitask`` interface) gives its last image
+``image_iterates[-1]`` (the same ``model.image(k_T)``) and, when asked to segment, the labels
+``argmax`` over classes of its last segmentation logits ``seg_logits[-1]`` ``(batch, H, W)``, on
+the k-space grid like the image.
+
 A model with the uncentered FFT convention (``model.centered`` False, Calgary-Campinas) gets
-``ifftshift(y)`` and ``ifftshift(M)`` over (H, W), and its image is ``fftshift``-ed back, so that
-the image is in the file's layout: with ``y = fftshift(F ifftshift(x))``, ``F^-1 ifftshift(y) =
-ifftshift(x)``. The k-space enters as stored, without scaling. Batches run under
-``torch.inference_mode`` on the model's device, so no autograd graph is kept: memory is the
+``ifftshift(y)`` and ``ifftshift(M)`` over (H, W), and its image (and labels) are ``fftshift``-ed
+back, so that the image is in the file's layout: with ``y = fftshift(F ifftshift(x))``,
+``F^-1 ifftshift(y) = ifftshift(x)``. The k-space enters as stored, without scaling. Batches run
+under ``torch.inference_mode`` on the model's device, so no autograd graph is kept: memory is the
 weights plus one batch's activations.
 """
 
@@ -27,6 +32,7 @@ import torch
 from torch import nn
 
 from kscan.errors import ConfigError, ShapeError
+from kscan.models import registry
 from kscan.pipelines.checkpoint import Checkpoint, load_model, shipped_weights
 
 _DIMS = (-2, -1)
@@ -40,16 +46,24 @@ class Reconstructor:
         name: the registry name of the model.
         model: the network, in evaluation mode, on its device.
         checkpoint: the checkpoint it was loaded from (path, config, metadata).
+        segment: return the labels of a multitask model too.
     """
 
     name: str
     model: nn.Module
     checkpoint: Checkpoint
+    segment: bool = False
+
+    @property
+    def multitask(self) -> bool:
+        """Whether the model reconstructs and segments (registry task ``multitask``)."""
+        return registry.spec(self.name).task == "multitask"
 
     def __call__(
         self, kspace: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """RSS image ``(batch, H, W)`` of masked k-space ``(batch, coil, H, W)`` and its mask.
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RSS image ``(batch, H, W)`` of masked k-space ``(batch, coil, H, W)`` and its mask; with
+        :attr:`segment`, the pair (image, labels ``(batch, H, W)`` int64).
 
         ``mask`` is ``(W,)``, ``(1, W)`` or ``(H, W)``, the same for every slice of the batch; ``maps`` (a
         file's stored coil maps) are not used: the model estimates its own.
@@ -62,8 +76,15 @@ class Reconstructor:
             if not centered:
                 kspace = torch.fft.ifftshift(kspace, dim=_DIMS)
                 model_mask = torch.fft.ifftshift(model_mask, dim=_DIMS)
-            image = self.model.image(self.model(kspace, model_mask))
-            return image if centered else torch.fft.fftshift(image, dim=_DIMS)
+            output = self.model(kspace, model_mask)
+            if not self.multitask:
+                image = self.model.image(output)
+                return image if centered else torch.fft.fftshift(image, dim=_DIMS)
+            image = output.image_iterates[-1]
+            labels = output.seg_logits[-1].argmax(dim=1)
+            if not centered:
+                image, labels = (torch.fft.fftshift(x, dim=_DIMS) for x in (image, labels))
+            return (image, labels) if self.segment else image
 
 
 def model_layout_mask(mask: torch.Tensor, kspace: torch.Tensor) -> torch.Tensor:
@@ -91,22 +112,33 @@ def model_layout_mask(mask: torch.Tensor, kspace: torch.Tensor) -> torch.Tensor:
 
 
 def load_reconstructor(
-    method: str, checkpoint: str | os.PathLike[str] | None, device: torch.device | str = "cpu"
+    method: str,
+    checkpoint: str | os.PathLike[str] | None,
+    device: torch.device | str = "cpu",
+    segment: bool = False,
 ) -> Reconstructor:
-    """The reconstruction model ``method`` from ``checkpoint`` (None: the shipped weights).
+    """The reconstruction or multitask model ``method`` from ``checkpoint`` (None: the shipped
+    weights); ``segment``: it returns labels too (multitask models only).
 
     Raises:
-        ConfigError: no weights are shipped for ``method`` and no checkpoint is given, or the
-            checkpoint holds another model or a model of another task.
+        ConfigError: no weights are shipped for ``method`` and no checkpoint is given, the
+            checkpoint holds another model or a model of another task, or ``segment`` is asked of
+            a reconstruction-only model.
         FileFormatError: not a kscan checkpoint (a DIRECT or fastMRI ``.pt`` file: the message
             points at ``kscan import-checkpoint``), or its tensors do not fit its config (the
             missing and unexpected keys are named).
     """
+    task = registry.spec(method).task
+    if segment and task != "multitask":
+        raise ConfigError(
+            f"--segment: {method!r} is a {task} model; segmenting needs a multitask model "
+            f"({', '.join(registry.names('multitask'))})"
+        )
     path = shipped_weights(method) if checkpoint is None else Path(checkpoint)
-    model, loaded = load_model(path, device, task="reconstruction")
+    model, loaded = load_model(path, device, task=task if task == "multitask" else "reconstruction")
     if loaded.model != method:
         raise ConfigError(
             f"--checkpoint: {path} holds a {loaded.model!r} model; expected {method!r} "
             f"for --method {method}"
         )
-    return Reconstructor(method, model, loaded)
+    return Reconstructor(method, model, loaded, segment)

@@ -11,7 +11,10 @@ lines are sampled and the ACS estimate otherwise). Slices are reconstructed in b
 - ``cs``: compressed sensing, L1-wavelet (``--regularizer wavelet``) or total variation (``tv``);
 - a learned reconstruction model of the registry (``rvn``, ``varnet``, ...), from a kscan
   checkpoint (``--checkpoint``; the weights shipped with kscan without it), which estimates its own
-  coil maps (:mod:`kscan.pipelines.model_inference`).
+  coil maps (:mod:`kscan.pipelines.model_inference`);
+- a multitask model of the registry (``joint-rvn-seg``, ``sequential-rvn-seg``, ``idslr``) the same
+  way: its last image is the reconstruction. With ``--segment`` its labels are written too: the
+  argmax of its last segmentation logits, cropped like the image to the recon size.
 
 The image magnitude is cropped to the header's recon size (complex crop, then magnitude; a volume
 narrower than the recon width is cropped to ``(W, W)``, as fastMRI does) and written by output
@@ -20,6 +23,13 @@ extension or ``--format``: ``.h5`` (fastMRI's submission layout: ``reconstructio
 ``.nii``/``.nii.gz`` (with a JSON provenance sidecar) or ``--format dicom`` (a derived MR series
 folder per volume). Voxel sizes come from the header's recon field of view. The provenance holds
 the settings and, for a learned method, the model's name and config and the checkpoint's SHA-256.
+
+Labels (``--segment``), uint8 ``(slices, rH, rW)``, as ``kscan segment`` writes them
+(:mod:`kscan.pipelines.segment`): in an ``.h5`` output the dataset ``segmentation`` beside
+``reconstruction`` (class names in the provenance attribute); beside a NIfTI ``<stem>.nii.gz`` or a
+DICOM series folder ``<stem>`` the label NIfTI ``<stem>_labels.nii.gz`` (same affine) with its
+provenance sidecar ``<stem>_labels.json``, and for DICOM also the DICOM SEG ``<stem>_seg.dcm``
+referencing the written series. Class names come from the checkpoint (``class_names``).
 """
 
 from __future__ import annotations
@@ -43,10 +53,10 @@ from kscan.physics import solvers
 from kscan.physics.coilmaps import acs_maps, center_lines, espirit_maps
 from kscan.physics.masks import MASK_KINDS, apply_mask
 from kscan.pipelines.atomic import atomic_path
-from kscan.pipelines.batch_paths import output_pairs
+from kscan.pipelines.batch_paths import output_pairs, volume_stem
 from kscan.pipelines.cli_args import add_device, add_quiet, device
 from kscan.pipelines.io.dicom_write import write_mr_series
-from kscan.pipelines.io.fastmri import FastMRIFile, FastMRIMetadata
+from kscan.pipelines.io.fastmri import SEGMENTATION, FastMRIFile, FastMRIMetadata
 from kscan.pipelines.io.nifti import axial_affine, volume_to_nifti_array, write_nifti
 from kscan.pipelines.model_inference import load_reconstructor
 from kscan.pipelines.provenance import provenance_record
@@ -64,14 +74,18 @@ ESPIRIT_MIN_LINES = 24
 """ESPIRiT's default calibration width; with fewer lines its 6x6 kernels are poorly determined."""
 REGULARIZERS = ("wavelet", "tv")
 
-BatchSolve = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+BatchSolve = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None],
+    torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+]
 """``(masked k-space (batch, coil, H, W), mask (W,), (1, W) or (H, W), the file's maps or None)`` ->
-image ``(batch, H, W)``: what differs between methods in :func:`reconstruct_file`."""
+image ``(batch, H, W)``, or (image, labels ``(batch, H, W)``) for a segmenting solve: what differs
+between methods in :func:`reconstruct_file`."""
 
 
 def learned_methods() -> list[str]:
-    """The registry's reconstruction models, usable as ``--method``."""
-    return registry.names("reconstruction")
+    """The registry's reconstruction and multitask models, usable as ``--method``."""
+    return registry.names("reconstruction") + registry.names("multitask")
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,7 @@ class ReconSettings:
     center_fraction: float = 0.08
     seed: int | None = None
     checkpoint: str | None = None
+    segment: bool = False
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -101,6 +116,11 @@ class ReconSettings:
         ):
             if value not in allowed:
                 raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+        if self.segment and self.method not in registry.names("multitask"):
+            raise ConfigError(
+                f"--segment: needs a multitask model ({', '.join(registry.names('multitask'))}); "
+                f"--method {self.method} only reconstructs"
+            )
         if self.maps == "none" and self.method != "zf":
             raise ConfigError(
                 f"--maps none: only --method zf works without coil maps, got {self.method!r}"
@@ -133,7 +153,11 @@ class ReconSettings:
     def parameters(self) -> dict[str, Any]:
         """The settings that apply to the method, for the provenance."""
         values = asdict(self)
-        drop = ("maps", "regularizer", "lam", "max_iter") if self.learned else ("checkpoint",)
+        drop = (
+            ("maps", "regularizer", "lam", "max_iter")
+            if self.learned
+            else ("checkpoint", "segment")
+        )
         return {k: v for k, v in values.items() if k not in drop}
 
     def solver(self) -> Callable[..., solvers.ReconResult]:
@@ -193,10 +217,12 @@ def voxel_size(meta: FastMRIMetadata, crop: tuple[int, int]) -> tuple[float, flo
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """A reconstructed magnitude volume ``(slices, rH, rW)`` float32 and its voxel size (dH, dW, dZ) mm."""
+    """A reconstructed magnitude volume ``(slices, rH, rW)`` float32 and its voxel size (dH, dW, dZ)
+    mm; with ``--segment`` its labels ``(slices, rH, rW)`` uint8."""
 
     volume: np.ndarray
     voxel_size_mm: tuple[float, float, float]
+    labels: np.ndarray | None = None
 
 
 def reconstruct_file(
@@ -209,8 +235,8 @@ def reconstruct_file(
     """Reconstruct one fastMRI-layout file (see the module docstring) with ``solve``.
 
     The mask (the file's, one made with ``settings.mask``, or all ones) goes to ``dev`` once; each
-    batch of ``settings.batch_size`` slices is read, masked and solved, and its magnitude cropped to
-    the recon size. Errors name ``path``.
+    batch of ``settings.batch_size`` slices is read, masked and solved, and its magnitude (and
+    labels, for a segmenting solve) cropped to the recon size. Errors name ``path``.
     """
     path = Path(path)
     with about_file(path), FastMRIFile(path) as f:
@@ -234,6 +260,7 @@ def reconstruct_file(
         rh, rw = meta.recon_size[:2]
         crop = (rh, rw) if width >= rw else (width, width)
         out = np.empty((meta.num_slices, *crop), dtype=np.float32)
+        labels = np.zeros((meta.num_slices, *crop), dtype=np.uint8) if settings.segment else None
         starts = range(0, meta.num_slices, settings.batch_size)
         for start in tqdm(starts, desc=path.name, disable=quiet, leave=False):
             stop = min(start + settings.batch_size, meta.num_slices)
@@ -245,29 +272,50 @@ def reconstruct_file(
                 else None
             )
             image = solve(kspace, mask, stored)
+            if labels is not None:
+                image, found = image
+                labels[start:stop] = center_crop(found, crop).cpu().numpy()
             out[start:stop] = center_crop(image, crop).abs().cpu().numpy()
-    return Reconstruction(out, voxel_size(meta, crop))
+    return Reconstruction(out, voxel_size(meta, crop), labels)
 
 
 def write_reconstruction(
-    path: Path, recon: Reconstruction, output_format: str, provenance: dict[str, Any]
+    path: Path,
+    recon: Reconstruction,
+    output_format: str,
+    provenance: dict[str, Any],
+    class_names: dict[int, str] | None = None,
 ) -> None:
     """Write ``recon`` as ``output_format`` (one of :data:`FORMATS`) to ``path``, atomically.
 
     ``h5``: fastMRI's submission layout, ``reconstruction`` ``(slices, rH, rW)`` float32 with the
     provenance as the JSON attribute ``kscan_provenance``. ``nifti``: the volume on an axial affine
     of the voxel size, with a provenance sidecar. ``dicom``: a derived MR series in the folder ``path``.
+    Labels, when ``recon`` has them, as the module docstring says (``class_names``: label -> name,
+    for the DICOM SEG).
     """
     affine = axial_affine(recon.volume.shape, recon.voxel_size_mm)
     if output_format == "h5":
         with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("reconstruction", data=recon.volume.astype(np.float32))
+                if recon.labels is not None:
+                    f.create_dataset(SEGMENTATION, data=recon.labels)
                 f.attrs["kscan_provenance"] = json.dumps(provenance)
-    elif output_format == "nifti":
+        return
+    if output_format == "nifti":
         write_nifti(path, volume_to_nifti_array(recon.volume), affine, provenance=provenance)
     else:
-        write_mr_series(path, recon.volume, affine, provenance=provenance, overwrite=True)
+        series = write_mr_series(path, recon.volume, affine, provenance=provenance, overwrite=True)
+    if recon.labels is None:
+        return
+    from kscan.pipelines.segment import write_dicom_seg, write_label_nifti  # it imports this module
+
+    stem = volume_stem(path)
+    write_label_nifti(path.with_name(f"{stem}_labels.nii.gz"), recon.labels, affine, provenance)
+    if output_format == "dicom":
+        seg = path.with_name(f"{stem}_seg.dcm")
+        write_dicom_seg(seg, recon.labels, series, class_names or {}, provenance)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -334,6 +382,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seed", type=int, default=None, help="with --mask: mixed into the per-file seed"
     )
+    parser.add_argument(
+        "--segment",
+        action="store_true",
+        help="multitask models (" + ", ".join(registry.names("multitask")) + "): write their "
+        "labels too (h5: a 'segmentation' dataset; NIfTI/DICOM: <stem>_labels.nii.gz)",
+    )
     add_device(parser)
     add_quiet(parser)
     parser.set_defaults(func=_main)
@@ -352,17 +406,23 @@ def _main(args: argparse.Namespace) -> None:
         center_fraction=args.center_fraction,
         seed=args.seed,
         checkpoint=args.checkpoint,
+        segment=args.segment,
     )
     dev = device(args.device)
     output_format = args.format or output_format_of(Path(args.output))
     pairs = output_pairs(args.input, args.output, FORMATS[output_format])
     parameters = settings.parameters() | {"device": str(dev)}
-    checkpoint = None
+    checkpoint, names = None, None
     if settings.learned:
-        learned = load_reconstructor(settings.method, settings.checkpoint, dev)
+        learned = load_reconstructor(settings.method, settings.checkpoint, dev, settings.segment)
         solve: BatchSolve = learned
         checkpoint = learned.checkpoint.path
         parameters |= {"checkpoint": str(checkpoint), "model_config": learned.checkpoint.config}
+        if settings.segment:
+            from kscan.pipelines.segment import class_names  # it imports this module
+
+            names = class_names(learned.checkpoint, learned.model.num_classes)
+            parameters |= {"class_names": {str(k): v for k, v in names.items()}}
     else:
         solve = classical_solve(settings)
     for src, dst in tqdm(pairs, desc="reconstructing", disable=args.quiet):
@@ -370,7 +430,7 @@ def _main(args: argparse.Namespace) -> None:
         record = provenance_record(
             model=settings.method, parameters=parameters, inputs=[src], checkpoint=checkpoint
         )
-        write_reconstruction(dst, recon, output_format, record)
+        write_reconstruction(dst, recon, output_format, record, names)
         tqdm.write(f"{dst}: {recon.volume.shape[0]} slices, {settings.method}")
 
 

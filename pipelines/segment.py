@@ -345,7 +345,7 @@ def segment_file(
         inputs=item.files,
         checkpoint=checkpoint.path,
     )
-    write_nifti(dst, _nifti_labels(item, result.labels), item.affine, provenance=record)
+    write_label_nifti(dst, result.labels, item.affine, record, item.nifti_shape)
     beside = output_paths(dst)
     seg = _write_seg(item, result.labels, names, record, beside["seg"])
     if overlay:
@@ -354,10 +354,33 @@ def segment_file(
     return SegOutputs(dst, seg, beside["overlay"] if overlay else None, result.empty_slices)
 
 
-def _nifti_labels(item: SegInput, labels: np.ndarray) -> np.ndarray:
-    """Labels ``(slices, H, W)`` as a NIfTI array, in the input NIfTI's shape when there is one."""
+def write_label_nifti(
+    dst: Path,
+    labels: np.ndarray,
+    affine: np.ndarray,
+    record: dict[str, Any],
+    nifti_shape: tuple[int, ...] | None = None,
+) -> Path:
+    """Write labels ``(slices, H, W)`` uint8 as the NIfTI ``dst`` on ``affine``, with the
+    provenance ``record`` as its sidecar; in ``nifti_shape`` (an input NIfTI's) when given."""
     array = volume_to_nifti_array(labels)
-    return array.reshape(item.nifti_shape) if item.nifti_shape is not None else array
+    if nifti_shape is not None:
+        array = array.reshape(nifti_shape)
+    return write_nifti(dst, array, affine, provenance=record)
+
+
+def write_dicom_seg(
+    path: Path,
+    labels: np.ndarray,
+    source_files: list[Path],
+    names: dict[int, str],
+    record: dict[str, Any],
+) -> Path:
+    """Write labels ``(slices, H, W)`` as a DICOM SEG referencing the single-frame images
+    ``source_files`` (one per slice, in slice order), with the foreground classes of ``names``."""
+    sources = [pydicom.dcmread(f) for f in source_files]
+    foreground = {k: v for k, v in names.items() if k > 0}
+    return write_segmentation(path, labels, sources, foreground, provenance=record)
 
 
 def _write_seg(
@@ -378,9 +401,7 @@ def _write_seg(
             stacklevel=3,
         )
         return None
-    sources = [pydicom.dcmread(f) for f in item.dicom_slices]
-    foreground = {k: v for k, v in names.items() if k > 0}
-    return write_segmentation(path, labels, sources, foreground, provenance=record)
+    return write_dicom_seg(path, labels, list(item.dicom_slices), names, record)
 
 
 def input_pairs(

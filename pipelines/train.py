@@ -13,7 +13,8 @@ processes), gradient-norm clipping, AdamW, the warm-up + cosine schedule
   ``last.safetensors``: weights, optimiser and scheduler state, random-generator states, the
   position (step, epoch, batches done in the epoch), the config, the log so far
   (:mod:`kscan.pipelines.train_state`); ``best.safetensors``: the weights with the best
-  validation metric so far (the task's ``best_metric``; SSIM for reconstruction).
+  validation metric so far (the task's ``best_metric``; SSIM for reconstruction, mean foreground
+  Dice for segmentation, ``(ssim + dice) / 2`` for multitask).
 - ``log.csv``: one row per epoch (and one at the end of a run that stops mid-epoch):
   epoch, step, lr, train_loss (mean over the epoch's steps and processes), validation metrics
   (empty when not validated). Rewritten whole from the log kept in the checkpoints, so a resumed
@@ -64,6 +65,7 @@ from kscan.pipelines.atomic import atomic_path, write_json, write_text
 from kscan.pipelines.checkpoint import load_state, read_checkpoint, save_checkpoint
 from kscan.pipelines.cli_args import device as parse_device
 from kscan.pipelines.train_config import OptimConfig, TrainConfig, config_differences
+from kscan.pipelines.train_multitask import MultitaskTask
 from kscan.pipelines.train_reconstruction import ReconstructionTask
 from kscan.pipelines.train_segmentation import SegmentationTask
 from kscan.pipelines.train_state import (
@@ -73,7 +75,11 @@ from kscan.pipelines.train_state import (
     rng_state,
 )
 
-TASKS = {"reconstruction": ReconstructionTask, "segmentation": SegmentationTask}
+TASKS = {
+    "reconstruction": ReconstructionTask,
+    "segmentation": SegmentationTask,
+    "multitask": MultitaskTask,
+}
 """Task name -> task class (see :mod:`kscan.pipelines.train_reconstruction` for the interface)."""
 
 LAST = "last.safetensors"

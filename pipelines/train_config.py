@@ -36,7 +36,7 @@ from kscan.models import registry
 from kscan.physics.masks import MASK_KINDS
 from kscan.pipelines.io.fastmri import CHALLENGES
 
-TASKS = ("reconstruction", "segmentation")
+TASKS = ("reconstruction", "segmentation", "multitask")
 """Tasks ``kscan train`` runs (their task classes: ``train.TASKS``)."""
 
 PRECISIONS = ("fp32", "bf16")
@@ -292,16 +292,49 @@ class SegmentationConfig:
 
 
 @dataclass
+class MultitaskConfig:
+    """The multitask task's loss weights (``kscan.pipelines.losses_multitask.MultitaskLoss``).
+
+    ``loss = rec_weight L_rec + seg_weight L_seg``: ``L_rec`` is the reconstruction loss of the
+    ``loss`` section (``l1``, ``ssim``, ``iterate_weighting``; the weighting also weights the
+    segmentations), ``L_seg = dice DiceLoss + ce CrossEntropy`` on the segmentation logits.
+    Each weight multiplies its term once.
+
+    Attributes:
+        rec_weight: weight of the reconstruction loss.
+        seg_weight: weight of the segmentation loss.
+        dice: weight of the Dice loss (foreground classes) in ``L_seg``.
+        ce: weight of the cross-entropy in ``L_seg``.
+    """
+
+    rec_weight: float = 1.0
+    seg_weight: float = 1.0
+    dice: float = 1.0
+    ce: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("rec_weight", "seg_weight", "dice", "ce"):
+            _number(name, getattr(self, name))
+        if self.rec_weight == 0 and self.seg_weight == 0:
+            raise ConfigError(
+                "rec_weight, seg_weight: expected at least one positive loss weight, got 0 and 0"
+            )
+        if self.dice == 0 and self.ce == 0:
+            raise ConfigError("dice, ce: expected at least one positive loss weight, got 0 and 0")
+
+
+@dataclass
 class TrainConfig:
     """A training run (see the module docstring and ``docs/training.md``).
 
     Attributes:
         model: the registry name of the network (``kscan.models.registry.names()``).
-        task: the model's task; "reconstruction" or "segmentation".
+        task: the model's task; "reconstruction", "segmentation" or "multitask".
         model_config: the network's config as a mapping (``registry.build_config`` checks it).
         data: the data section (required: at least ``data.train``).
-        optim, loss: the sections above (``loss``: reconstruction only).
+        optim, loss: the sections above (``loss``: reconstruction and multitask).
         segmentation: the segmentation task's section (segmentation only).
+        multitask: the multitask task's loss weights (multitask only).
         checkpoint_every: write ``step_NNNNNNN.safetensors`` and ``last.safetensors`` every this
             many steps (and always at the end).
         validate_every: validate after every this many epochs (and at the end).
@@ -319,6 +352,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
     checkpoint_every: int = 1000
     validate_every: int = 1
     output_dir: str = "runs/train"
@@ -357,7 +391,11 @@ class TrainConfig:
             raise ConfigError(f"output_dir: expected a folder name, got {self.output_dir!r}")
 
     def _check_task_sections(self) -> None:
-        """The other task's section, set to anything but its defaults, is a mistake."""
+        """Another task's section, set to anything but its defaults, is a mistake."""
+        if self.task != "multitask" and self.multitask != MultitaskConfig():
+            raise ConfigError(
+                f"multitask: applies to task multitask, not {self.task}; remove the section"
+            )
         if self.task == "segmentation":
             if self.loss != LossConfig():
                 raise ConfigError(
@@ -369,6 +407,10 @@ class TrainConfig:
             raise ConfigError(
                 f"segmentation: applies to task segmentation, not {self.task}; remove the section"
             )
+
+
+NEWER_SECTIONS: dict[str, type] = {"segmentation": SegmentationConfig, "multitask": MultitaskConfig}
+"""Sections added after checkpoints were written without them (:func:`config_differences`)."""
 
 
 def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
@@ -399,6 +441,8 @@ def config_differences(
         a, b = old.get(key), new.get(key)
         if name in RUNTIME_KEYS:
             continue
+        if key not in old and name in NEWER_SECTIONS and b == to_mapping(NEWER_SECTIONS[name]()):
+            continue  # a checkpoint older than the section: equal when it holds its defaults
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             changed += config_differences(a, b, f"{name}.")
         elif a != b:

@@ -42,12 +42,19 @@ from kscan.pipelines.train_data import (
     check_batchable,
 )
 
+RECONSTRUCTION_METRICS = ("ssim", "psnr", "nmse")
+
+VolumeSlices = dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]
+"""File name -> ``(slice_num, prediction, truth)`` of each of its validated slices."""
+
 
 class ReconstructionTask:
     """Undersampled k-space in, the model's RSS image against the stored target out."""
 
     best_metric = "ssim"
-    metrics = ("ssim", "psnr", "nmse")
+    metrics = RECONSTRUCTION_METRICS
+    transform_class = ReconstructionTransform
+    """Makes the samples; a subclass of :class:`ReconstructionTransform` may add to them."""
 
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.config = config
@@ -55,8 +62,8 @@ class ReconstructionTask:
         self.criterion = ReconstructionLoss(config.loss)
         data = config.data
         masks = (data.mask_kinds, data.accelerations, data.center_fractions, config.seed)
-        self.train_transform = ReconstructionTransform(*masks, train=True)
-        self.val_transform = ReconstructionTransform(*masks, train=False)
+        self.train_transform = self.transform_class(*masks, train=True)
+        self.val_transform = self.transform_class(*masks, train=False)
 
     def datasets(self) -> tuple[Dataset, Dataset | None]:
         data = self.config.data
@@ -114,7 +121,7 @@ class ReconstructionTask:
     @torch.no_grad()
     def validate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
         """Mean over volumes of each volume's SSIM, PSNR and NMSE (module docstring)."""
-        slices: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        slices: VolumeSlices = defaultdict(list)
         for batch in loader:
             with self.autocast():
                 kspace = model(*self._inputs(batch))
@@ -124,11 +131,21 @@ class ReconstructionTask:
                 batch["fname"], batch["slice_num"].tolist(), images, target, strict=True
             ):
                 slices[name].append((index, pred, truth))
-        totals = dict.fromkeys(self.metrics, 0.0)
-        for items in slices.values():
-            items.sort(key=lambda item: item[0])
-            pred = torch.stack([item[1] for item in items])
-            truth = torch.stack([item[2] for item in items])
-            for key, value in reconstruction_metrics(truth, pred, "fastmri").items():
-                totals[key] += value
-        return {key: value / len(slices) for key, value in totals.items()}
+        return volume_reconstruction_metrics(slices)
+
+
+def stack_volume(items: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """The predictions and truths of one volume's slices, stacked in slice order."""
+    items = sorted(items, key=lambda item: item[0])
+    return torch.stack([item[1] for item in items]), torch.stack([item[2] for item in items])
+
+
+def volume_reconstruction_metrics(slices: VolumeSlices) -> dict[str, float]:
+    """SSIM, PSNR and NMSE of each volume's stacked slices (fastMRI's volume conventions, module
+    docstring), averaged over volumes."""
+    totals = dict.fromkeys(RECONSTRUCTION_METRICS, 0.0)
+    for items in slices.values():
+        pred, truth = stack_volume(items)
+        for key, value in reconstruction_metrics(truth, pred, "fastmri").items():
+            totals[key] += value
+    return {key: value / len(slices) for key, value in totals.items()}

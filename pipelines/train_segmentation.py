@@ -82,6 +82,7 @@ from kscan.pipelines.metrics import segmentation_metrics
 from kscan.pipelines.seg_transforms import normalize_image, pad_to_multiple
 from kscan.pipelines.train_config import SegmentationConfig, TrainConfig
 from kscan.pipelines.train_data import check_batchable
+from kscan.pipelines.train_reconstruction import VolumeSlices, stack_volume
 
 SYNTHETIC_ACQUISITION = "kscan_simulated"
 """The ``acquisition`` attribute of the HDF5 files ``kscan simulate`` writes."""
@@ -298,8 +299,7 @@ class SegmentationTask:
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        per_class = [f"{m}_{n}" for m in ("dice", "iou", "hd95") for n in self.class_names[1:]]
-        return ("dice", "iou", "hd95", *per_class)
+        return segmentation_metric_names(self.class_names)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"class_names": self.class_names}
@@ -402,7 +402,7 @@ class SegmentationTask:
     @torch.no_grad()
     def validate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
         """Per-class Dice, IoU and HD95 averaged over volumes (module docstring)."""
-        slices: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        slices: VolumeSlices = defaultdict(list)
         for batch in loader:
             predictions = self.predict(model, batch["image"]).cpu()
             for name, index, pred, truth, (top, bottom, left, right) in zip(
@@ -415,17 +415,29 @@ class SegmentationTask:
             ):
                 window = (slice(top, bottom), slice(left, right))
                 slices[name].append((index, pred[window], truth[window]))
-        names = self.class_names[1:]
-        totals: dict[str, float] = defaultdict(float)
-        for fname, items in slices.items():
-            items.sort(key=lambda item: item[0])
-            pred = torch.stack([item[1] for item in items])
-            truth = torch.stack([item[2] for item in items])
-            scores = segmentation_metrics(
-                truth, pred, len(self.class_names), spacing=self.spacing[fname]
-            )
-            for metric, values in scores.items():
-                totals[metric] += values.mean().item()
-                for name, value in zip(names, values.tolist(), strict=True):
-                    totals[f"{metric}_{name}"] += value
-        return {key: totals[key] / len(slices) for key in self.metrics}
+        return volume_segmentation_metrics(slices, self.class_names, self.spacing)
+
+
+def segmentation_metric_names(names: list[str]) -> tuple[str, ...]:
+    """The validation metrics of classes ``names`` (background first): the means over the
+    foreground classes, then each foreground class's."""
+    per_class = [f"{m}_{n}" for m in ("dice", "iou", "hd95") for n in names[1:]]
+    return ("dice", "iou", "hd95", *per_class)
+
+
+def volume_segmentation_metrics(
+    slices: VolumeSlices,
+    names: list[str],
+    spacing: dict[str, tuple[float, float, float] | None],
+) -> dict[str, float]:
+    """Dice, IoU and HD95 of each volume's stacked label maps (module docstring), per foreground
+    class of ``names`` and their means, averaged over volumes; ``spacing`` by file name."""
+    totals: dict[str, float] = defaultdict(float)
+    for fname, items in slices.items():
+        pred, truth = stack_volume(items)
+        scores = segmentation_metrics(truth, pred, len(names), spacing=spacing[fname])
+        for metric, values in scores.items():
+            totals[metric] += values.mean().item()
+            for name, value in zip(names[1:], values.tolist(), strict=True):
+                totals[f"{metric}_{name}"] += value
+    return {key: totals[key] / len(slices) for key in segmentation_metric_names(names)}

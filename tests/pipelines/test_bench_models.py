@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from kscan.models import registry
 from kscan.pipelines.bench_models import (
@@ -11,6 +12,7 @@ from kscan.pipelines.bench_models import (
     build_registered,
     measure,
     reconstruction_candidates,
+    segmentation_candidates,
     table,
 )
 from kscan.pipelines.cli import main
@@ -26,7 +28,7 @@ def test_candidates_cover_registered_models_and_the_direct_peer() -> None:
     assert rvn.shape == {"coils": 8, "height": 256, "width": 256}
     peer = next(c for c in rows if c.label == "DIRECT")
     assert peer.requires == "direct" and peer.peer_of == "kscan"
-    assert set(TASKS) >= {"reconstruction"}
+    assert set(TASKS) >= {"reconstruction", "segmentation", "multitask"}
 
 
 def test_measure_in_process() -> None:
@@ -56,3 +58,44 @@ def test_command_quick_writes_json(tmp_path, capsys) -> None:
     else:
         assert direct["kscan_speedup"] > 0
     assert len(table(report)) == len(report["results"])
+
+
+def _parameters(candidate) -> int:
+    model, _ = candidate.build(candidate.config, candidate.shape)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_segmentation_quick_candidates_run_on_one_image() -> None:
+    rows = segmentation_candidates(quick=True)
+    assert [c.model for c in rows] == ["vmunet", "vmunet", "mhs-vm", "mhs-vm", "unet", "swinunetr"]
+    for candidate in rows:
+        model, (image,) = candidate.build(candidate.config, candidate.shape)
+        assert image.shape == (1, 1, 64, 64)
+        with torch.inference_mode():
+            assert model(image).shape == (1, 6, 64, 64), candidate.config["model"]
+    result = measure(rows[0], repeats=1, warmup=0, threads=1)
+    assert result["parameters"] == _parameters(rows[0]) and result["time"]["median_s"] > 0
+
+
+@pytest.mark.slow
+def test_segmentation_peers_are_of_the_reference_size() -> None:
+    rows = {(c.model, c.label): c for c in segmentation_candidates(quick=False)}
+    assert all(c.shape == {"height": 256, "width": 256} for c in rows.values())
+    vmunet = _parameters(rows[("vmunet", "reference dims")])
+    assert vmunet == 27_424_614  # the reference's 27.43 M, with one input channel and 6 classes
+    assert _parameters(rows[("mhs-vm", "reference dims, 4 heads")]) == 17_254_182
+    for peer in (("unet", "MONAI"), ("swinunetr", "MONAI")):
+        assert 0.9 < _parameters(rows[peer]) / vmunet < 1.1, peer
+    assert rows[("vmunet", "small (shipped recipe)")].config["config"]["dims"] == [32, 64, 128, 256]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["segmentation", "multitask"])
+def test_command_quick_other_tasks(task, tmp_path) -> None:
+    out = tmp_path / "models.json"
+    args = ["bench", "models", "--task", task, "--quick", "--repeats", "1", "--warmup", "0"]
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["task"] == task and len(report["results"]) == len(TASKS[task](True))
+    assert all(r["parameters"] > 0 and r["time"]["median_s"] > 0 for r in report["results"])
