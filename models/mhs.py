@@ -18,6 +18,9 @@ giving ``y_k``, ``k = 0..3``. Scan route attention (:func:`route_attention`) com
     cv = std_k(y_k) / (mean_k(y_k - min_k y_k) + 1e-5)        (std unbiased, over the four)
 
 The heads' outputs are concatenated, layer-normalised and mapped ``C -> C`` (no bias).
+``MHSMixer.forward(x, conv=None, scans=None)`` takes VM-UNet's execution hooks
+(:mod:`kscan.models.vmunet`): ``conv`` for the depthwise convolution, ``scans`` for each head's
+route scans (called with the head's ``mambaeng``).
 
 :class:`MHSVM` is :class:`kscan.models.vmunet.VMUNet` built with :func:`mhs_mixer` as its mixer
 hook; :class:`MHSVMConfig` adds ``heads`` and ``threshold`` to VM-UNet's config. The released
@@ -50,7 +53,9 @@ from torch.nn import functional as F
 from kscan.errors import ConfigError, InvalidDataError, ShapeError
 from kscan.kernels.routes import MHSVM_HEAD_ROUTES, cross_merge, cross_scan
 from kscan.models.vmunet import (
+    Conv,
     Mixer,
+    RouteScans,
     VMUNet,
     VMUNetConfig,
     add_route_ssm,
@@ -134,7 +139,11 @@ class RouteScanHead(nn.Module):
         self.routes = MHSVM_HEAD_ROUTES[family]
         self.mambaeng = RouteSSM(d_inner, d_state, len(self.routes), **ssm_options)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scans: RouteScans | None = None) -> torch.Tensor:
+        """``(batch, d, H, W)`` -> ``(batch, 4, d, H, W)``; ``scans``: VM-UNet's route-scan hook
+        (None: gather, ``mambaeng``, scatter back)."""
+        if scans is not None:
+            return scans(self.mambaeng, x, self.routes)
         height, width = x.shape[-2:]
         ys = self.mambaeng(cross_scan(x, self.routes))
         return torch.stack(
@@ -176,12 +185,13 @@ class MultiHeadScan(nn.Module):
         self.cat_norm = nn.LayerNorm(dim)
         self.y_proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scans: RouteScans | None = None) -> torch.Tensor:
+        """``(batch, C, H, W)`` -> ``(batch, H, W, C)``; ``scans`` as for :class:`RouteScanHead`."""
         if x.ndim != 4 or x.shape[1] != self.dim:
             raise ShapeError(f"x: expected shape (batch, C={self.dim}, H, W), got {tuple(x.shape)}")
         parts = torch.einsum("bchw,oc->bohw", x, self.x_ssproj.weight).chunk(self.heads, dim=1)
         ys = [
-            route_attention(getattr(self, f"scanhead_{family}")(part), self.threshold)
+            route_attention(getattr(self, f"scanhead_{family}")(part, scans), self.threshold)
             for family, part in zip(FAMILIES, parts, strict=False)
         ]
         y = torch.cat(ys, dim=1).permute(0, 2, 3, 1)
@@ -215,12 +225,17 @@ class MHSMixer(nn.Module):
         self.out_norm = nn.LayerNorm(dim)
         self.apply(init_weights)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, conv: Conv | None = None, scans: RouteScans | None = None
+    ) -> torch.Tensor:
+        """``(batch, H, W, C)`` -> same; ``conv``, ``scans``: VM-UNet's execution hooks (None for
+        the plain forward)."""
         if x.ndim != 4 or x.shape[-1] != self.dim:
             raise ShapeError(f"x: expected shape (batch, H, W, C={self.dim}), got {tuple(x.shape)}")
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
-        return self.out_norm(self.mhs(x)) * F.silu(z)
+        x = x.permute(0, 3, 1, 2)
+        x = F.silu(self.conv2d(x) if conv is None else conv(self.conv2d, x))
+        return self.out_norm(self.mhs(x, scans)) * F.silu(z)
 
 
 def _require_positive(name: str, value: Any) -> None:

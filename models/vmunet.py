@@ -33,6 +33,15 @@ four stages); padding is the inference pipeline's job.
   outputs are put back in row-major order and summed; ``y = out_proj(LayerNorm(y) * SiLU(z))``
   (2D -> C, no bias).
 
+**Execution hooks.** ``SS2D.forward(x, conv=None, scans=None)`` (and MHS-VM's mixer) accept two
+optional callables that change where the work runs, never the maths: ``conv(module, x)`` applies
+the depthwise ``nn.Conv2d`` ``module`` to ``(B, D, H, W)`` (default ``module(x)``), and
+``scans(ssm, x, routes)`` returns the route scans of the module ``ssm`` holding
+:func:`add_route_ssm`'s parameters, ``(B, D, H, W)`` -> ``(B, K, D, H, W)``, entry ``k`` being
+route ``k``'s outputs put back on the pixel grid (default: :func:`cross_scan`,
+:func:`route_ssm`, :func:`cross_merge`). Band-parallel inference
+(:mod:`kscan.pipelines.parallel.band`) passes halo-exchanging and band-chained versions.
+
 **Mixer hook.** ``VMUNet(config, mixer=...)`` replaces SS2D in every VSS block: ``mixer(dim)``
 is called once per block with the block's channel count ``dim`` (an ``int``) and must return an
 ``nn.Module`` mapping channels-last ``(B, H, W, dim)`` to ``(B, H, W, dim)``. It becomes the
@@ -86,6 +95,14 @@ PATCH_SIZE = 4
 
 Mixer = Callable[[int], nn.Module]
 """``mixer(dim) -> nn.Module``: a VSS block's ``self_attention``, ``(B, H, W, dim)`` -> same."""
+
+Conv = Callable[[nn.Conv2d, torch.Tensor], torch.Tensor]
+"""``conv(module, x)``: the convolution ``module`` applied to ``x (B, D, H, W)``, same size."""
+
+RouteScans = Callable[[nn.Module, torch.Tensor, tuple[str, ...]], torch.Tensor]
+"""``scans(ssm, x, routes)``: ``x (B, d, H, W)`` read along ``routes`` and scanned with the
+parameters of ``ssm`` (:func:`add_route_ssm`'s) -> ``(B, K, d, H, W)``, each route's outputs on the
+pixel grid."""
 
 
 @dataclass
@@ -250,30 +267,43 @@ def add_route_ssm(
     module.Ds = nn.Parameter(torch.ones(k * d))
 
 
-def route_ssm(module: nn.Module, xs: torch.Tensor) -> torch.Tensor:
-    """The ``K`` route scans of :func:`add_route_ssm`'s parameters: ``(B, K, d, L)`` -> ``(B, K, d, L)``.
+def route_ssm_inputs(module: nn.Module, xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The selective-scan arguments of :func:`route_ssm`: ``xs (B, K, d, L)`` ->
+    ``(u, delta, A, B, C, D, delta_bias)``.
 
-    For route ``k`` with input ``u (B, d, L)``: ``[dt_low, B_k, C_k] = x_proj_weight[k] @ u``,
-    ``delta = dt_projs_weight[k] @ dt_low``, then :func:`kscan.kernels.selective_scan` with
-    ``A = -exp(A_logs)``, skip ``Ds``, delta bias ``dt_projs_bias[k]`` and softplus. The ``K`` scans
-    run as one scan of ``K*d`` channels with ``K`` groups of ``B, C``, in float32 (float64 stays).
+    For route ``k`` with input ``u_k (B, d, L)``: ``[dt_low, B_k, C_k] = x_proj_weight[k] @ u_k``
+    and ``delta_k = dt_projs_weight[k] @ dt_low``; the ``K`` routes are stacked on channels:
+    ``u, delta (B, K*d, L)`` (``delta`` before bias and softplus), ``A = -exp(A_logs) (K*d, N)``,
+    ``B, C (B, K, N, L)`` (group ``k`` serves route ``k``), ``D = Ds (K*d,)``, ``delta_bias =
+    dt_projs_bias (K*d,)``; all in float32 (float64 stays). The projections act on each position
+    alone, so the positions may be in any order (band-parallel inference passes a band's pixels).
     """
     batch, routes, inner, length = xs.shape
     x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, module.x_proj_weight)
     dts, bs, cs = x_dbl.split([module.dt_rank, module.d_state, module.d_state], dim=2)
     dts = torch.einsum("bkrl,kdr->bkdl", dts, module.dt_projs_weight)
     compute = torch.promote_types(xs.dtype, torch.float32)
-    ys = selective_scan(
+    return (
         xs.reshape(batch, routes * inner, length).to(compute),
         dts.reshape(batch, routes * inner, length).to(compute),
         -torch.exp(module.A_logs.to(compute)),
         bs.to(compute).contiguous(),
         cs.to(compute).contiguous(),
-        D=module.Ds.to(compute),
-        delta_bias=module.dt_projs_bias.reshape(-1).to(compute),
-        delta_softplus=True,
+        module.Ds.to(compute),
+        module.dt_projs_bias.reshape(-1).to(compute),
     )
-    return ys.view(batch, routes, inner, length)
+
+
+def route_ssm(module: nn.Module, xs: torch.Tensor) -> torch.Tensor:
+    """The ``K`` route scans of :func:`add_route_ssm`'s parameters: ``(B, K, d, L)`` -> ``(B, K, d, L)``.
+
+    :func:`kscan.kernels.selective_scan` on :func:`route_ssm_inputs` with softplus: the ``K``
+    scans run as one scan of ``K*d`` channels with ``K`` groups of ``B, C``, in float32 (float64
+    stays).
+    """
+    u, delta, A, B, C, D, bias = route_ssm_inputs(module, xs)
+    ys = selective_scan(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True)
+    return ys.view(xs.shape)
 
 
 class SS2D(nn.Module):
@@ -309,14 +339,20 @@ class SS2D(nn.Module):
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
+    def forward(
+        self, x: torch.Tensor, conv: Conv | None = None, scans: RouteScans | None = None
+    ) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, H, W, C)``; ``conv``, ``scans``: the execution hooks (see
+        the module docstring), None for the plain forward."""
         batch, height, width, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
-        xs = cross_scan(x, VMAMBA_ROUTES)  # (B, K, D, L)
-        ys = route_ssm(self, xs)
-        y = cross_merge(ys, VMAMBA_ROUTES, height, width)
+        x = x.permute(0, 3, 1, 2)
+        x = F.silu(self.conv2d(x) if conv is None else conv(self.conv2d, x))  # (B, D, H, W)
+        if scans is None:
+            ys = route_ssm(self, cross_scan(x, VMAMBA_ROUTES))  # (B, K, D, L)
+            y = cross_merge(ys, VMAMBA_ROUTES, height, width)
+        else:
+            y = scans(self, x, VMAMBA_ROUTES).sum(dim=1)
         y = self.out_norm(y.permute(0, 2, 3, 1)) * F.silu(z)
         return self.out_proj(y)
 

@@ -3,9 +3,10 @@
 The image rows are split into ``P`` bands, one per rank, each a multiple of the network's size
 multiple ``m = 4 * 2^(stages-1)`` rows (as even as possible; ``H >= P m`` is required: the
 replication of thin low-resolution levels is not implemented). The model's own modules run on
-the band unchanged, except each VSS block's mixer (:class:`~kscan.models.vmunet.SS2D` or
-:class:`~kscan.models.mhs.MHSMixer`), which is swapped, for the duration of the call, for a band
-version with the same maths:
+the band unchanged; each VSS block's mixer (:class:`~kscan.models.vmunet.SS2D` or
+:class:`~kscan.models.mhs.MHSMixer`) runs its own forward with the two execution hooks of
+:mod:`kscan.models.vmunet` set to this module's :meth:`BandParallelSegmenter.conv` and
+:meth:`BandParallelSegmenter.route_scans` (a wrapper is swapped in for the duration of the call):
 
 - **Per-token operations** (LayerNorms, linear layers, gates, route attention) are local.
 - **Patch embedding** (4x4, stride 4), **patch merging** and **expanding** stay within bands,
@@ -14,8 +15,9 @@ version with the same maths:
   neighbouring rank; zero padding only at the true image border (and at the left/right sides).
 - **Scans** follow :mod:`kscan.pipelines.parallel.chains`: each rank scans its segments of every
   route from a zero state, one all-gather exchanges every segment's summary (decay and end state,
-  ``(batch, D, N)`` each), and each rank adds the decayed true incoming state to its outputs.
-  The same code serves every route (rows, columns, snakes, zig-zags, spirals, reverses).
+  ``(batch, D, N)`` each), and each rank scans again, from its true incoming state, the segments
+  that do not start from zero. The same code serves every route (rows, columns, snakes,
+  zig-zags, spirals, reverses).
 
 The result equals the single-process forward up to rounding (float32 about 1e-6, float64 about
 1e-15). Only inference: the model must be in eval mode (drop-path is random in training).
@@ -32,10 +34,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from kscan.errors import ConfigError, ShapeError
-from kscan.kernels.routes import VMAMBA_ROUTES
 from kscan.kernels.scan_reference import discretize
-from kscan.models.mhs import FAMILIES, MHSMixer, route_attention
-from kscan.models.vmunet import SS2D, VMUNet, VSSBlock
+from kscan.models.mhs import MHSMixer
+from kscan.models.vmunet import SS2D, VMUNet, VSSBlock, route_ssm_inputs
 from kscan.pipelines.parallel.chains import (
     finish,
     gathered_summaries,
@@ -84,16 +85,12 @@ class BandParallelSegmenter:
             if not isinstance(block, VSSBlock):
                 continue
             mixer = block.self_attention
-            if isinstance(mixer, SS2D):
-                banded: nn.Module = _BandSS2D(mixer, self)
-            elif isinstance(mixer, MHSMixer):
-                banded = _BandMHS(mixer, self)
-            else:
+            if not isinstance(mixer, SS2D | MHSMixer):
                 raise ConfigError(
                     f"model: mixer {type(mixer).__name__} has no band-parallel version "
                     "(SS2D and MHSMixer have)"
                 )
-            self._swaps.append((block, mixer, banded))
+            self._swaps.append((block, mixer, _BandMixer(mixer, self)))
 
     def bounds(self, height: int) -> tuple[int, ...]:
         """Input row bounds of the bands for an image of ``height`` rows."""
@@ -170,38 +167,21 @@ class BandParallelSegmenter:
         return F.conv2d(x, conv.weight, conv.bias, 1, (0, pw), conv.dilation, conv.groups)
 
     def route_scans(self, ssm: nn.Module, x: torch.Tensor, routes: Sequence[str]) -> torch.Tensor:
-        """The route scans of :func:`kscan.models.vmunet.route_ssm` for the band ``x (batch, d,
-        h, W)`` read along each of ``routes`` over the whole image: ``(batch, K, d, h, W)``, entry
-        ``k`` being route ``k``'s outputs at this band's pixels (``cross_merge`` of one route,
-        restricted to the band)."""
+        """The route-scan hook of :mod:`kscan.models.vmunet` for the band ``x (batch, d, h, W)``
+        read along each of ``routes`` over the whole image: ``(batch, K, d, h, W)``, entry ``k``
+        being route ``k``'s outputs at this band's pixels. The scan inputs are the model's own
+        (:func:`~kscan.models.vmunet.route_ssm_inputs`, per pixel, in band row-major order)."""
         batch, inner, rows, width = x.shape
         bounds = self.level_bounds(rows)
-        rank, n, rank_r = self.comm.rank, ssm.d_state, ssm.dt_rank
-        xs = x.flatten(2)
-        # route_ssm's per-token projections, on the band's pixels in row-major order
-        x_dbl = torch.einsum("bdl,kcd->bkcl", xs, ssm.x_proj_weight)
-        dts, bs, cs = x_dbl.split([rank_r, n, n], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, ssm.dt_projs_weight)
-        compute = torch.promote_types(xs.dtype, torch.float32)
-        A = -torch.exp(ssm.A_logs.to(compute))
-        Ds = ssm.Ds.to(compute)
-        bias = ssm.dt_projs_bias.to(compute)
+        rank, K = self.comm.rank, len(routes)
+        xs = x.flatten(2).unsqueeze(1).expand(-1, K, -1, -1)  # every route reads every pixel
+        u, dts, A, bs, cs, Ds, bias = route_ssm_inputs(ssm, xs)
         passes = []
         for k, name in enumerate(routes):
             plan = route_plan(name, bounds[-1], width, bounds, rank, x.device)
-            channels = slice(k * inner, (k + 1) * inner)
-            delta = discretize(dts[:, k].to(compute), bias[k], True)
-            passes.append(
-                local_pass(
-                    plan,
-                    xs.to(compute),
-                    delta,
-                    A[channels],
-                    bs[:, k].to(compute),
-                    cs[:, k].to(compute),
-                    Ds[channels],
-                )
-            )
+            ch = slice(k * inner, (k + 1) * inner)
+            delta = discretize(dts[:, ch], bias[ch], True)
+            passes.append(local_pass(plan, u[:, ch], delta, A[ch], bs[:, k], cs[:, k], Ds[ch]))
         per_rank = self._exchange([p.summaries for p in passes], [p.plan.counts for p in passes])
         ys = []
         for k, p in enumerate(passes):
@@ -235,46 +215,16 @@ class BandParallelSegmenter:
         return out
 
 
-class _BandSS2D(nn.Module):
-    """:class:`~kscan.models.vmunet.SS2D`'s forward with the band convolution and route scans."""
+class _BandMixer(nn.Module):
+    """A VSS block's mixer run on a band: its own forward with the band hooks."""
 
-    def __init__(self, inner: SS2D, runner: BandParallelSegmenter) -> None:
+    def __init__(self, inner: SS2D | MHSMixer, runner: BandParallelSegmenter) -> None:
         super().__init__()
         self.inner = inner
         self.runner = runner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.inner
-        x, z = m.in_proj(x).chunk(2, dim=-1)
-        x = F.silu(self.runner.conv(m.conv2d, x.permute(0, 3, 1, 2)))
-        ys = self.runner.route_scans(m, x, VMAMBA_ROUTES)
-        y = ys[:, 0]
-        for k in range(1, ys.shape[1]):  # cross_merge's order
-            y = y + ys[:, k]
-        y = m.out_norm(y.permute(0, 2, 3, 1)) * F.silu(z)
-        return m.out_proj(y)
-
-
-class _BandMHS(nn.Module):
-    """:class:`~kscan.models.mhs.MHSMixer`'s forward with the band convolution and route scans."""
-
-    def __init__(self, inner: MHSMixer, runner: BandParallelSegmenter) -> None:
-        super().__init__()
-        self.inner = inner
-        self.runner = runner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m, mhs = self.inner, self.inner.mhs
-        x, z = m.in_proj(x).chunk(2, dim=-1)
-        x = F.silu(self.runner.conv(m.conv2d, x.permute(0, 3, 1, 2)))
-        parts = torch.einsum("bchw,oc->bohw", x, mhs.x_ssproj.weight).chunk(mhs.heads, dim=1)
-        ys = []
-        for family, part in zip(FAMILIES, parts, strict=False):
-            head = getattr(mhs, f"scanhead_{family}")
-            scans = self.runner.route_scans(head.mambaeng, part, head.routes)
-            ys.append(route_attention(scans, mhs.threshold))
-        y = torch.cat(ys, dim=1).permute(0, 2, 3, 1)
-        return m.out_norm(mhs.y_proj(mhs.cat_norm(y))) * F.silu(z)
+        return self.inner(x, conv=self.runner.conv, scans=self.runner.route_scans)
 
 
 def segment_in_bands(model: VMUNet, x: torch.Tensor) -> dict[str, object]:

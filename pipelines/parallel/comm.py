@@ -3,10 +3,12 @@
 Works with ``gloo`` (CPU tensors) and ``nccl`` (CUDA tensors) process groups, and without any
 process group (one rank: every exchange is local and moves nothing).
 
-Byte counts are per rank and per kind of exchange (``"halo"``, ``"summaries"``, ``"gather"``):
-a halo exchange counts the rows sent to and received from the neighbours; an all-gather of ``b``
-bytes per rank counts ``(P - 1) b`` sent and received, the least any algorithm moves in and out of
-each rank (ring all-gathers move exactly that).
+Byte counts are per rank and per kind of exchange (``"halo"``, ``"summaries"``, ``"gather"``,
+...): a halo exchange counts the rows sent to and received from the neighbours; an all-gather of
+``b`` bytes per rank counts ``(P - 1) b`` sent and received, the least any algorithm moves in and
+out of each rank (ring all-gathers move exactly that); an all-reduce of ``b`` bytes counts
+``2 (P - 1) b / P`` each way (a ring reduce-scatter then all-gather), a reduce-scatter into
+pieces of ``b`` bytes ``(P - 1) b``.
 """
 
 from __future__ import annotations
@@ -103,6 +105,36 @@ class Comm:
         pad[..., : x.shape[-2], :] = x
         parts = self.all_gather(pad, kind)
         return torch.cat([p[..., :h, :] for p, h in zip(parts, heights, strict=True)], dim=-2)
+
+    def reduce_scatter_rows(self, x: torch.Tensor, heights: list[int], kind: str) -> torch.Tensor:
+        """This rank's rows ``(..., heights[rank], W)`` of the sum over ranks of ``x (..., H, W)``
+        (``H = sum(heights)``). Real tensors; bands zero-padded to the tallest for the collective."""
+        if self.world_size == 1:
+            return x
+        tallest, starts = max(heights), [sum(heights[:r]) for r in range(len(heights))]
+        pieces = []
+        for start, h in zip(starts, heights, strict=True):
+            piece = x.new_zeros(*x.shape[:-2], tallest, x.shape[-1])
+            piece[..., :h, :] = x[..., start : start + h, :]
+            pieces.append(piece)
+        out = torch.empty_like(pieces[0])
+        dist.reduce_scatter(out, pieces, group=self.group)
+        self.calls[kind] += 1
+        nbytes = (self.world_size - 1) * out.numel() * out.element_size()
+        self.sent[kind] += nbytes
+        self.received[kind] += nbytes
+        return out[..., : heights[self.rank], :]
+
+    def all_reduce_sum(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """The sum of every rank's ``x`` (same shape on every rank), in place; returns ``x``."""
+        if self.world_size == 1:
+            return x
+        dist.all_reduce(x, group=self.group)
+        self.calls[kind] += 1
+        nbytes = 2 * (self.world_size - 1) * x.numel() * x.element_size() // self.world_size
+        self.sent[kind] += nbytes
+        self.received[kind] += nbytes
+        return x
 
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (a collective: every rank must call it)."""
