@@ -19,6 +19,7 @@ from kscan.pipelines import (
     bench_parallel,
     bench_physics,
     bench_scan,
+    benchmark,
     convert_cmd,
     demo,
     evaluate,
@@ -42,6 +43,7 @@ COMMANDS = (
     evaluate,
     info,
     train_cmd,
+    benchmark,
 )
 """Modules with a ``register(subparsers)`` function, one per subcommand, in ``--help`` order."""
 
