@@ -42,6 +42,7 @@ from kscan.pipelines.io.dicom_write import write_mr_series
 from kscan.pipelines.io.fastmri import FastMRIFile, write_fastmri
 from kscan.pipelines.io.slice_dataset import SliceDataset
 from kscan.pipelines.machine import machine_info
+from kscan.pipelines.memory import peak_rss
 from kscan.pipelines.synthetic import rss_target
 from kscan.pipelines.timing import compare_times
 
@@ -144,34 +145,6 @@ def bench_dicom_reads(folder: Path, repeats: int) -> dict[str, Any]:
     )
 
 
-def _maxrss_bytes() -> int:
-    """Peak resident set of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
-    import resource  # POSIX only; imported here so that importing this module works everywhere
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak resident-set mark (VmHWM) to the current resident set.
-
-    Linux: writing 5 to ``/proc/self/clear_refs``. Returns False where that is not possible.
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _proc_status_bytes(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status: no {field} line")
-
-
 def measure_slice_read_memory(path: str | Path, index: int = 0) -> dict[str, Any]:
     """Peak memory of ``FastMRIFile(path).read_slice(index)``; run it in a fresh process.
 
@@ -183,22 +156,16 @@ def measure_slice_read_memory(path: str | Path, index: int = 0) -> dict[str, Any
     """
     with FastMRIFile(path) as volume:
         gc.collect()
-        exact = _reset_peak_rss()
-        rss_before = _proc_status_bytes("VmRSS") if exact else _maxrss_bytes()
-        tracemalloc.start()
-        sample = volume.read_slice(index)
-        traced_peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        rss_peak = _proc_status_bytes("VmHWM") if exact else _maxrss_bytes()
+        with peak_rss() as rss:
+            tracemalloc.start()
+            sample = volume.read_slice(index)
+            traced_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
     return {
         "slice_bytes": _sample_bytes(sample),
         "tracemalloc_peak_bytes": traced_peak,
-        "rss_growth_bytes": rss_peak - rss_before,
-        "rss_method": (
-            "VmHWM after the read - VmRSS before it, peak mark reset before the read"
-            if exact
-            else "ru_maxrss delta (a lower bound)"
-        ),
+        "rss_growth_bytes": rss.peak_bytes - rss.before_bytes,
+        "rss_method": rss.method,
     }
 
 

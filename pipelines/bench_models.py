@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import resource
-import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +47,7 @@ from kscan.physics.coilmaps import acs_maps
 from kscan.physics.masks import apply_mask, make_mask
 from kscan.pipelines.atomic import write_json
 from kscan.pipelines.machine import machine_info
+from kscan.pipelines.memory import peak_rss
 from kscan.pipelines.synthetic import simulate_multicoil
 from kscan.pipelines.timing import compare_times
 
@@ -297,50 +296,20 @@ TASKS: dict[str, Callable[[bool], list[Candidate]]] = {
 # --- measurement ---------------------------------------------------------------------------------
 
 
-def _status_bytes(field_name: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` in bytes, or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the peak RSS (``VmHWM``) to the current RSS; False where that is impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _max_rss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def measure(candidate: Candidate, repeats: int, warmup: int, threads: int) -> dict[str, Any]:
     """Time and memory of one candidate in this process (run it in a fresh one)."""
     torch.set_num_threads(threads)
     model, inputs = candidate.build(candidate.config, candidate.shape)
     params = sum(p.numel() for p in model.parameters())
-    before = _status_bytes("VmRSS") or _max_rss_bytes()
-    exact = _reset_peak()
-    with torch.inference_mode():
+    with torch.inference_mode(), peak_rss() as rss:
         times = compare_times({"call": lambda: model(*inputs)}, repeats=repeats, warmup=warmup)
-    peak = (_status_bytes("VmHWM") if exact else None) or _max_rss_bytes()
     return {
         "parameters": params,
         "time": times["call"],
-        "rss_before_bytes": before,
-        "peak_rss_bytes": peak,
-        "peak_rss_delta_bytes": peak - before,
-        "peak_reset": exact,
+        "rss_before_bytes": rss.before_bytes,
+        "peak_rss_bytes": rss.peak_bytes,
+        "peak_rss_delta_bytes": rss.growth_bytes,
+        "peak_reset": rss.exact,
     }
 
 

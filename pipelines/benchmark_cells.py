@@ -27,7 +27,6 @@ from kscan.errors import ConfigError, KscanError, about_file
 from kscan.physics.masks import apply_mask
 from kscan.pipelines import metrics as metric_fns
 from kscan.pipelines.atomic import atomic_path, write_json
-from kscan.pipelines.bench_models import _max_rss_bytes, _reset_peak, _status_bytes
 from kscan.pipelines.benchmark_config import (
     TARGET,
     BenchmarkConfig,
@@ -39,9 +38,10 @@ from kscan.pipelines.cli_args import device
 from kscan.pipelines.io.fastmri import FastMRIFile
 from kscan.pipelines.io.slice_dataset import list_volume_files
 from kscan.pipelines.machine import machine_info
+from kscan.pipelines.memory import peak_rss
 from kscan.pipelines.model_inference import load_reconstructor, model_layout_mask
 from kscan.pipelines.provenance import sha256_file
-from kscan.pipelines.reconstruct import ReconSettings, classical_solve, voxel_size
+from kscan.pipelines.reconstruct import ReconSettings, classical_solve
 from kscan.pipelines.segment import SegSettings, class_names, load_segmenter, segment_volume
 from kscan.pipelines.synthetic import center_crop
 from kscan.pipelines.undersample import volume_mask
@@ -230,11 +230,9 @@ class Measure:
             yield
             self.peak_bytes = int(torch.cuda.max_memory_allocated(self.dev))
             return
-        before = _status_bytes("VmRSS") or _max_rss_bytes()
-        exact = _reset_peak()
-        yield
-        peak = (_status_bytes("VmHWM") if exact else None) or _max_rss_bytes()
-        self.peak_bytes = max(peak - before, 0)
+        with peak_rss() as rss:
+            yield
+        self.peak_bytes = rss.growth_bytes
 
     @property
     def method(self) -> str:
@@ -306,7 +304,7 @@ def _seg_scores(
 
 def _label_spacing(meta: Any, crop: tuple[int, int]) -> tuple[float, float, float]:
     """Voxel size ``(slice, H, W)`` in mm of a cropped volume, from the header."""
-    d_h, d_w, d_z = voxel_size(meta, crop)
+    d_h, d_w, d_z = meta.voxel_size_mm
     return (d_z, d_h, d_w)
 
 

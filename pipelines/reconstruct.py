@@ -30,6 +30,10 @@ Labels (``--segment``), uint8 ``(slices, rH, rW)``, as ``kscan segment`` writes 
 DICOM series folder ``<stem>`` the label NIfTI ``<stem>_labels.nii.gz`` (same affine) with its
 provenance sidecar ``<stem>_labels.json``, and for DICOM also the DICOM SEG ``<stem>_seg.dcm``
 referencing the written series. Class names come from the checkpoint (``class_names``).
+
+``--devices cpu,cpu`` or ``cuda:0,cuda:1,...`` (or ranks started by ``torchrun``) shard the files,
+or a single file's batches of slices, over one process per device; the outputs are those of one
+device (:mod:`kscan.pipelines.parallel.data_parallel`).
 """
 
 from __future__ import annotations
@@ -54,12 +58,15 @@ from kscan.physics.coilmaps import acs_maps, center_lines, espirit_maps
 from kscan.physics.masks import MASK_KINDS, apply_mask
 from kscan.pipelines.atomic import atomic_path
 from kscan.pipelines.batch_paths import output_pairs, volume_stem
-from kscan.pipelines.cli_args import add_device, add_quiet, device
+from kscan.pipelines.cli_args import add_device, add_quiet
 from kscan.pipelines.io.dicom_write import write_mr_series
-from kscan.pipelines.io.fastmri import SEGMENTATION, FastMRIFile, FastMRIMetadata
+from kscan.pipelines.io.fastmri import SEGMENTATION, FastMRIFile
 from kscan.pipelines.io.nifti import axial_affine, volume_to_nifti_array, write_nifti
 from kscan.pipelines.model_inference import load_reconstructor
+from kscan.pipelines.parallel import data_parallel
+from kscan.pipelines.parallel.data_parallel import WHOLE, Shard, batch_owners, take_rows
 from kscan.pipelines.provenance import provenance_record
+from kscan.pipelines.segment import class_names, write_dicom_seg, write_label_nifti
 from kscan.pipelines.synthetic import center_crop
 from kscan.pipelines.undersample import volume_mask
 
@@ -205,16 +212,6 @@ def _coil_maps(
     return acs_maps(kspace, mask=mask) if use_acs else espirit_maps(kspace, mask=mask)
 
 
-def voxel_size(meta: FastMRIMetadata, crop: tuple[int, int]) -> tuple[float, float, float]:
-    """``(dH, dW, dZ)`` in mm of the cropped image: the header's recon field of view over the recon
-    matrix (slice thickness: the field of view's z), or 1 mm where the header has no field of view."""
-    if meta.recon_fov_mm is None:
-        return (1.0, 1.0, 1.0)
-    fov_x, fov_y, fov_z = meta.recon_fov_mm
-    rh, rw = meta.recon_size[:2]
-    return (fov_x / rh, fov_y / rw, fov_z)
-
-
 @dataclass(frozen=True)
 class Reconstruction:
     """A reconstructed magnitude volume ``(slices, rH, rW)`` float32 and its voxel size (dH, dW, dZ)
@@ -231,12 +228,15 @@ def reconstruct_file(
     solve: BatchSolve,
     dev: torch.device,
     quiet: bool = True,
+    shard: Shard = WHOLE,
 ) -> Reconstruction:
     """Reconstruct one fastMRI-layout file (see the module docstring) with ``solve``.
 
     The mask (the file's, one made with ``settings.mask``, or all ones) goes to ``dev`` once; each
     batch of ``settings.batch_size`` slices is read, masked and solved, and its magnitude (and
-    labels, for a segmenting solve) cropped to the recon size. Errors name ``path``.
+    labels, for a segmenting solve) cropped to the recon size. With a ``shard`` of several ranks,
+    only its batches are computed and the other slices are zero (:func:`merge_reconstructions`
+    joins the parts). Errors name ``path``.
     """
     path = Path(path)
     with about_file(path), FastMRIFile(path) as f:
@@ -259,10 +259,11 @@ def reconstruct_file(
         mask = mask.to(dev)
         rh, rw = meta.recon_size[:2]
         crop = (rh, rw) if width >= rw else (width, width)
-        out = np.empty((meta.num_slices, *crop), dtype=np.float32)
+        out = np.zeros((meta.num_slices, *crop), dtype=np.float32)
         labels = np.zeros((meta.num_slices, *crop), dtype=np.uint8) if settings.segment else None
         starts = range(0, meta.num_slices, settings.batch_size)
-        for start in tqdm(starts, desc=path.name, disable=quiet, leave=False):
+        mine = [start for b, start in enumerate(starts) if shard.owns(b)]
+        for start in tqdm(mine, desc=path.name, disable=quiet, leave=False):
             stop = min(start + settings.batch_size, meta.num_slices)
             batch = [f.read_slice(i) for i in range(start, stop)]
             kspace = apply_mask(torch.stack([b["kspace"] for b in batch]).to(dev), mask)
@@ -276,7 +277,18 @@ def reconstruct_file(
                 image, found = image
                 labels[start:stop] = center_crop(found, crop).cpu().numpy()
             out[start:stop] = center_crop(image, crop).abs().cpu().numpy()
-    return Reconstruction(out, voxel_size(meta, crop), labels)
+    return Reconstruction(out, meta.voxel_size_mm, labels)
+
+
+def merge_reconstructions(parts: list[Reconstruction], batch_size: int) -> Reconstruction:
+    """One volume from the parts of :func:`reconstruct_file` on the shards of ``len(parts)``
+    ranks: each slice from the rank that computed its batch."""
+    owners = batch_owners(parts[0].volume.shape[0], batch_size, len(parts))
+    labels = None
+    if parts[0].labels is not None:
+        labels = take_rows([p.labels for p in parts], owners)
+    volume = take_rows([p.volume for p in parts], owners)
+    return Reconstruction(volume, parts[0].voxel_size_mm, labels)
 
 
 def write_reconstruction(
@@ -285,8 +297,9 @@ def write_reconstruction(
     output_format: str,
     provenance: dict[str, Any],
     class_names: dict[int, str] | None = None,
-) -> None:
-    """Write ``recon`` as ``output_format`` (one of :data:`FORMATS`) to ``path``, atomically.
+) -> list[Path]:
+    """Write ``recon`` as ``output_format`` (one of :data:`FORMATS`) to ``path``, atomically;
+    returns the paths written (the volume's, then the labels').
 
     ``h5``: fastMRI's submission layout, ``reconstruction`` ``(slices, rH, rW)`` float32 with the
     provenance as the JSON attribute ``kscan_provenance``. ``nifti``: the volume on an axial affine
@@ -302,20 +315,21 @@ def write_reconstruction(
                 if recon.labels is not None:
                     f.create_dataset(SEGMENTATION, data=recon.labels)
                 f.attrs["kscan_provenance"] = json.dumps(provenance)
-        return
+        return [path]
     if output_format == "nifti":
         write_nifti(path, volume_to_nifti_array(recon.volume), affine, provenance=provenance)
     else:
         series = write_mr_series(path, recon.volume, affine, provenance=provenance, overwrite=True)
     if recon.labels is None:
-        return
-    from kscan.pipelines.segment import write_dicom_seg, write_label_nifti  # it imports this module
+        return [path]
 
     stem = volume_stem(path)
-    write_label_nifti(path.with_name(f"{stem}_labels.nii.gz"), recon.labels, affine, provenance)
+    written = [path, path.with_name(f"{stem}_labels.nii.gz")]
+    write_label_nifti(written[1], recon.labels, affine, provenance)
     if output_format == "dicom":
-        seg = path.with_name(f"{stem}_seg.dcm")
-        write_dicom_seg(seg, recon.labels, series, class_names or {}, provenance)
+        written.append(path.with_name(f"{stem}_seg.dcm"))
+        write_dicom_seg(written[2], recon.labels, series, class_names or {}, provenance)
+    return written
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -389,8 +403,63 @@ def register(sub: argparse._SubParsersAction) -> None:
         "labels too (h5: a 'segmentation' dataset; NIfTI/DICOM: <stem>_labels.nii.gz)",
     )
     add_device(parser)
+    data_parallel.add_devices(parser)
     add_quiet(parser)
     parser.set_defaults(func=_main)
+
+
+@dataclass(frozen=True)
+class LoadedMethod:
+    """A rank's method, ready to run: the batch solve on ``device`` and what the provenance needs."""
+
+    device: torch.device
+    solve: BatchSolve
+    parameters: dict[str, Any]
+    checkpoint: Path | None = None
+    class_names: dict[int, str] | None = None
+
+
+@dataclass(frozen=True)
+class ReconJob:
+    """``kscan reconstruct`` as a :class:`~kscan.pipelines.parallel.data_parallel.Job`: every
+    input reconstructed with ``settings`` and written as ``output_format``; ``devices``, the
+    devices of a parallel run, are recorded in the provenance."""
+
+    settings: ReconSettings
+    output_format: str
+    devices: tuple[str, ...] = ()
+
+    def setup(self, dev: torch.device) -> LoadedMethod:
+        """The solve on ``dev``: a learned model loaded from its checkpoint, or a classical solver."""
+        settings = self.settings
+        parameters = settings.parameters() | {"device": str(dev)}
+        if len(self.devices) > 1:
+            parameters["devices"] = list(self.devices)
+        if not settings.learned:
+            return LoadedMethod(dev, classical_solve(settings), parameters)
+        learned = load_reconstructor(settings.method, settings.checkpoint, dev, settings.segment)
+        checkpoint = learned.checkpoint.path
+        parameters |= {"checkpoint": str(checkpoint), "model_config": learned.checkpoint.config}
+        names = None
+        if settings.segment:
+            names = class_names(learned.checkpoint, learned.model.num_classes)
+            parameters |= {"class_names": {str(k): v for k, v in names.items()}}
+        return LoadedMethod(dev, learned, parameters, checkpoint, names)
+
+    def compute(self, ctx: LoadedMethod, src: Path, shard: Shard, quiet: bool) -> Reconstruction:
+        return reconstruct_file(src, self.settings, ctx.solve, ctx.device, quiet, shard)
+
+    def merge(self, parts: list[Reconstruction]) -> Reconstruction:
+        return merge_reconstructions(parts, self.settings.batch_size)
+
+    def write(self, ctx: LoadedMethod, src: Path, dst: Path, recon: Reconstruction) -> list[Path]:
+        record = provenance_record(
+            model=self.settings.method,
+            parameters=ctx.parameters,
+            inputs=[src],
+            checkpoint=ctx.checkpoint,
+        )
+        return write_reconstruction(dst, recon, self.output_format, record, ctx.class_names)
 
 
 def _main(args: argparse.Namespace) -> None:
@@ -408,30 +477,11 @@ def _main(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint,
         segment=args.segment,
     )
-    dev = device(args.device)
+    devices = data_parallel.devices_of(args)
     output_format = args.format or output_format_of(Path(args.output))
     pairs = output_pairs(args.input, args.output, FORMATS[output_format])
-    parameters = settings.parameters() | {"device": str(dev)}
-    checkpoint, names = None, None
-    if settings.learned:
-        learned = load_reconstructor(settings.method, settings.checkpoint, dev, settings.segment)
-        solve: BatchSolve = learned
-        checkpoint = learned.checkpoint.path
-        parameters |= {"checkpoint": str(checkpoint), "model_config": learned.checkpoint.config}
-        if settings.segment:
-            from kscan.pipelines.segment import class_names  # it imports this module
-
-            names = class_names(learned.checkpoint, learned.model.num_classes)
-            parameters |= {"class_names": {str(k): v for k, v in names.items()}}
-    else:
-        solve = classical_solve(settings)
-    for src, dst in tqdm(pairs, desc="reconstructing", disable=args.quiet):
-        recon = reconstruct_file(src, settings, solve, dev, quiet=args.quiet)
-        record = provenance_record(
-            model=settings.method, parameters=parameters, inputs=[src], checkpoint=checkpoint
-        )
-        write_reconstruction(dst, recon, output_format, record, names)
-        tqdm.write(f"{dst}: {recon.volume.shape[0]} slices, {settings.method}")
+    job = ReconJob(settings, output_format, tuple(str(d) for d in devices))
+    data_parallel.run(job, pairs, devices, args.quiet, desc="reconstructing")
 
 
 def output_format_of(path: Path) -> str:

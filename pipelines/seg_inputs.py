@@ -35,7 +35,6 @@ from kscan.errors import FileFormatError, ShapeError
 from kscan.pipelines.io.dicom import read_series
 from kscan.pipelines.io.fastmri import TARGET_KEYS, FastMRIFile
 from kscan.pipelines.io.nifti import axial_affine, nifti_array_to_volume, read_nifti
-from kscan.pipelines.reconstruct import voxel_size
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 H5_SUFFIXES = (".h5",)
@@ -191,7 +190,7 @@ def _read_h5(path: Path) -> SegInput:
     if has_header:
         with FastMRIFile(path) as fastmri:
             meta = fastmri.metadata
-        voxel = voxel_size(meta, volume.shape[1:])
+        voxel = meta.voxel_size_mm
     return SegInput(path, "h5", volume, axial_affine(volume.shape, voxel), (path,))
 
 

@@ -148,6 +148,17 @@ class FastMRIMetadata:
     num_low_frequency: int | None
     centered: bool = True
 
+    @property
+    def voxel_size_mm(self) -> tuple[float, float, float]:
+        """``(dH, dW, dZ)`` in mm of the recon grid: the header's recon field of view over the recon
+        matrix (slice thickness: the field of view's z), or 1 mm where the header has no field of
+        view. A centre crop of the recon image keeps this voxel size."""
+        if self.recon_fov_mm is None:
+            return (1.0, 1.0, 1.0)
+        fov_x, fov_y, fov_z = self.recon_fov_mm
+        rh, rw = self.recon_size[:2]
+        return (fov_x / rh, fov_y / rw, fov_z)
+
     def as_dict(self) -> dict[str, Any]:
         """The fields that are not ``None`` (so that ``default_collate`` can batch them)."""
         return {key: value for key, value in asdict(self).items() if value is not None}
