@@ -27,6 +27,10 @@ may be written to an output file ``*.nii[.gz]`` (the others beside it).
 Class names come from the checkpoint's meta ``class_names`` (a list by class id, or a mapping id ->
 name), else :data:`kscan.pipelines.anatomy.TISSUE_CLASSES` when the class counts match, else
 ``class_<i>``. Without ``--checkpoint`` the weights shipped for ``--model`` are used.
+
+``--devices cpu,cpu`` or ``cuda:0,cuda:1,...`` (or ranks started by ``torchrun``) shard the inputs,
+or a single input's batches of slices, over one process per device; the outputs are those of one
+device (:mod:`kscan.pipelines.parallel.data_parallel`).
 """
 
 from __future__ import annotations
@@ -54,9 +58,11 @@ from kscan.pipelines.anatomy import TISSUE_CLASSES
 from kscan.pipelines.atomic import atomic_path
 from kscan.pipelines.batch_paths import volume_stem
 from kscan.pipelines.checkpoint import Checkpoint, load_model, shipped_weights
-from kscan.pipelines.cli_args import add_device, add_quiet, device, int_pair
+from kscan.pipelines.cli_args import add_device, add_quiet, int_pair
 from kscan.pipelines.io.dicom_seg import write_segmentation
 from kscan.pipelines.io.nifti import volume_to_nifti_array, write_nifti
+from kscan.pipelines.parallel import data_parallel
+from kscan.pipelines.parallel.data_parallel import WHOLE, Shard, batch_owners, take_rows
 from kscan.pipelines.provenance import provenance_record
 from kscan.pipelines.seg_inputs import NIFTI_SUFFIXES, SegInput, list_inputs, read_input
 from kscan.pipelines.seg_transforms import crop, index_list, normalize_image, pad_to_multiple
@@ -221,11 +227,15 @@ class VolumeLabels:
     empty_slices: list[int]
 
 
-def segment_volume(segmenter: Segmenter, volume: np.ndarray, quiet: bool = True) -> VolumeLabels:
+def segment_volume(
+    segmenter: Segmenter, volume: np.ndarray, quiet: bool = True, shard: Shard = WHOLE
+) -> VolumeLabels:
     """Segment ``volume`` ``(slices, H, W)`` slice by slice (module docstring, steps 1-3).
 
-    All-zero slices get label 0 without running the model. Raises InvalidDataError (naming the
-    slices) for NaN or Inf.
+    All-zero slices get label 0 without running the model. The other slices go through the
+    model in batches of ``batch_size``; with a ``shard`` of several ranks only its batches (the
+    other slices keep label 0; :func:`merge_volume_labels` joins the parts). Raises
+    InvalidDataError (naming the slices) for NaN or Inf.
     """
     volume = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
     image = normalize_image(volume, name="image")
@@ -234,9 +244,22 @@ def segment_volume(segmenter: Segmenter, volume: np.ndarray, quiet: bool = True)
     labels = torch.zeros(image.shape, dtype=torch.uint8)
     todo = torch.nonzero(nonzero).flatten()
     batches = todo.split(segmenter.settings.batch_size)
-    for batch in tqdm(batches, desc="slices", disable=quiet, leave=False):
+    mine = [batch for b, batch in enumerate(batches) if shard.owns(b)]
+    for batch in tqdm(mine, desc="slices", disable=quiet, leave=False):
         labels[batch] = segmenter.labels(image[batch]).to(torch.uint8)
     return VolumeLabels(labels.numpy(), image.numpy(), empty)
+
+
+def merge_volume_labels(parts: list[VolumeLabels], batch_size: int) -> VolumeLabels:
+    """One volume's labels from the parts of :func:`segment_volume` on the shards of
+    ``len(parts)`` ranks: each segmented slice from the rank that computed its batch."""
+    first = parts[0]
+    empty = set(first.empty_slices)
+    todo = [i for i in range(first.labels.shape[0]) if i not in empty]
+    owners = np.zeros(first.labels.shape[0], dtype=np.int64)
+    owners[todo] = batch_owners(len(todo), batch_size, len(parts))
+    labels = take_rows([p.labels for p in parts], owners)
+    return VolumeLabels(labels, first.image, first.empty_slices)
 
 
 def load_segmenter(
@@ -306,6 +329,23 @@ def output_paths(labels: Path) -> dict[str, Path]:
     }
 
 
+@dataclass(frozen=True)
+class LabelledInput:
+    """An input as read and its labels (or a shard's part of them)."""
+
+    item: SegInput
+    result: VolumeLabels
+
+
+def label_input(
+    segmenter: Segmenter, src: str | os.PathLike[str], quiet: bool = True, shard: Shard = WHOLE
+) -> LabelledInput:
+    """Read the input ``src`` and segment it (:func:`segment_volume`); errors name ``src``."""
+    with about_file(src):
+        item = read_input(src)
+        return LabelledInput(item, segment_volume(segmenter, item.volume, quiet, shard))
+
+
 def segment_file(
     segmenter: Segmenter,
     checkpoint: Checkpoint,
@@ -318,11 +358,23 @@ def segment_file(
     """Segment the input ``src`` into the label NIfTI ``dst`` and the outputs beside it (module
     docstring). ``parameters`` are added to the provenance. Warns (:class:`SegmentationWarning`)
     about all-zero slices and DICOM inputs that get no SEG; errors name ``src``."""
-    src, dst = Path(src), Path(dst)
+    labelled = label_input(segmenter, src, quiet)
+    return write_outputs(segmenter, checkpoint, labelled, dst, overlay, parameters)
+
+
+def write_outputs(
+    segmenter: Segmenter,
+    checkpoint: Checkpoint,
+    labelled: LabelledInput,
+    dst: str | os.PathLike[str],
+    overlay: bool = False,
+    parameters: dict[str, Any] | None = None,
+) -> SegOutputs:
+    """Write the label NIfTI ``dst`` and the outputs beside it for a segmented input (module
+    docstring), each atomically; warns as :func:`segment_file` does."""
+    item, result, dst = labelled.item, labelled.result, Path(dst)
+    src = item.path
     names = class_names(checkpoint, segmenter.num_classes)
-    with about_file(src):
-        item = read_input(src)
-        result = segment_volume(segmenter, item.volume, quiet)
     if result.empty_slices:
         warnings.warn(
             f"{src}: {len(result.empty_slices)} of {item.volume.shape[0]} slices are all zero "
@@ -470,6 +522,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--overlay", action="store_true", help="also write <stem>_overlay.png of the labels"
     )
     add_device(parser)
+    data_parallel.add_devices(parser)
     add_quiet(parser)
     parser.set_defaults(func=_main)
 
@@ -478,23 +531,59 @@ def _print_warning(message: Any, category: type, *args: Any, **kwargs: Any) -> N
     print(f"kscan: warning: {message}", file=sys.stderr)
 
 
-def _main(args: argparse.Namespace) -> None:
-    settings = SegSettings(args.batch_size, args.roi_size, args.overlap)
-    dev = device(args.device)
-    pairs = input_pairs(args.input, args.output)
-    segmenter, checkpoint = load_segmenter(args.model, args.checkpoint, dev, settings)
-    with warnings.catch_warnings():
+@dataclass(frozen=True)
+class SegJob:
+    """``kscan segment`` as a :class:`~kscan.pipelines.parallel.data_parallel.Job`: the model
+    ``model_name`` / ``checkpoint`` run with ``settings`` on every input; ``devices``, the devices
+    of a parallel run, are recorded in the provenance."""
+
+    settings: SegSettings
+    model_name: str | None
+    checkpoint: str | None
+    overlay: bool = False
+    devices: tuple[str, ...] = ()
+
+    def setup(self, dev: torch.device) -> tuple[Segmenter, Checkpoint, dict[str, Any]]:
+        """The model on ``dev``; warnings print as one ``kscan: warning:`` line each."""
         warnings.simplefilter("always", SegmentationWarning)
         warnings.showwarning = _print_warning
-        for src, dst in tqdm(pairs, desc="segmenting", disable=args.quiet):
-            out = segment_file(
-                segmenter,
-                checkpoint,
-                src,
-                dst,
-                overlay=args.overlay,
-                parameters={"device": str(dev)},
-                quiet=args.quiet,
-            )
-            written = [p for p in (out.labels, out.seg, out.overlay) if p is not None]
-            tqdm.write(f"{src}: {', '.join(str(p) for p in written)}")
+        segmenter, checkpoint = load_segmenter(self.model_name, self.checkpoint, dev, self.settings)
+        parameters: dict[str, Any] = {"device": str(dev)}
+        if len(self.devices) > 1:
+            parameters["devices"] = list(self.devices)
+        return segmenter, checkpoint, parameters
+
+    def compute(
+        self,
+        ctx: tuple[Segmenter, Checkpoint, dict[str, Any]],
+        src: Path,
+        shard: Shard,
+        quiet: bool,
+    ) -> LabelledInput:
+        return label_input(ctx[0], src, quiet, shard)
+
+    def merge(self, parts: list[LabelledInput]) -> LabelledInput:
+        results = [p.result for p in parts]
+        return LabelledInput(parts[0].item, merge_volume_labels(results, self.settings.batch_size))
+
+    def write(
+        self,
+        ctx: tuple[Segmenter, Checkpoint, dict[str, Any]],
+        src: Path,
+        dst: Path,
+        labelled: LabelledInput,
+    ) -> list[Path]:
+        segmenter, checkpoint, parameters = ctx
+        out = write_outputs(segmenter, checkpoint, labelled, dst, self.overlay, parameters)
+        return [p for p in (out.labels, out.seg, out.overlay) if p is not None]
+
+
+def _main(args: argparse.Namespace) -> None:
+    settings = SegSettings(args.batch_size, args.roi_size, args.overlap)
+    devices = data_parallel.devices_of(args)
+    pairs = input_pairs(args.input, args.output)
+    job = SegJob(
+        settings, args.model, args.checkpoint, args.overlay, tuple(str(d) for d in devices)
+    )
+    with warnings.catch_warnings():
+        data_parallel.run(job, pairs, devices, args.quiet, desc="segmenting")

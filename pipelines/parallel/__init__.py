@@ -10,6 +10,8 @@
   across ranks and the Conv-GRU on row bands;
 - :mod:`~kscan.pipelines.parallel.launcher`: ``P`` processes (spawned, or under ``torchrun``),
   faults reported with the rank and the cause.
+- :mod:`~kscan.pipelines.parallel.data_parallel`: ``kscan reconstruct|segment --devices``, files
+  or a volume's batches of slices sharded over ranks.
 """
 
 from kscan.pipelines.parallel.band import BandParallelSegmenter, band_bounds, segment_in_bands
