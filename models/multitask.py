@@ -9,7 +9,7 @@ refined by its U-Net, and a RecurrentVarNet of ``N`` steps) and segmentation hea
 reconstruction loss sees, :meth:`image`), scaled per sample by a differentiable scale::
 
     q   = quantile_0.995(|x|) over the slice's pixels (torch.quantile, linear; its max if 0; 1 if 0)
-    x_n = min(|x| / q, 1)                                     (batch, H, W) in [0, 1]
+    x_n = min(|x| / q, c)                     (batch, H, W) in [0, c], c = seg_heads.INPUT_CEILING
 
 the same mapping as ``kscan segment``'s input normalisation, so heads trained on normalised RSS
 images fit.
@@ -56,7 +56,7 @@ from kscan.config import from_mapping
 from kscan.errors import ConfigError
 from kscan.models.recurrentvarnet import check_inputs
 from kscan.models.rvn import RVN, RVNConfig
-from kscan.models.seg_heads import SegmentationHead, head_config
+from kscan.models.seg_heads import INPUT_CEILING, SegmentationHead, head_config
 
 
 @dataclass
@@ -76,9 +76,9 @@ class MultitaskOutput:
 
 
 def normalized_magnitude(image: torch.Tensor, quantile: float) -> torch.Tensor:
-    """``min(|x| / q, 1)`` per sample, ``q`` the ``quantile`` of ``|x|`` (module docstring).
+    """``min(|x| / q, INPUT_CEILING)`` per sample, ``q`` the ``quantile`` of ``|x|`` (module docstring).
 
-    ``(batch, H, W)`` real or complex -> ``(batch, H, W)`` real in ``[0, 1]``; differentiable
+    ``(batch, H, W)`` real or complex -> ``(batch, H, W)`` real in ``[0, INPUT_CEILING]``; differentiable
     through ``q`` as well as ``|x|``.
     """
     magnitude = image.abs()
@@ -86,7 +86,7 @@ def normalized_magnitude(image: torch.Tensor, quantile: float) -> torch.Tensor:
     scale = torch.quantile(flat, quantile, dim=1)
     scale = torch.where(scale > 0, scale, flat.amax(dim=1))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (magnitude / scale[:, None, None]).clamp(max=1)
+    return (magnitude / scale[:, None, None]).clamp(max=INPUT_CEILING)
 
 
 @dataclass

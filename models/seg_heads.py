@@ -37,6 +37,12 @@ from kscan.models.mhs import MHSVM, MHSVMConfig
 from kscan.models.vmunet import VMUNet, VMUNetConfig
 
 HEADS = ("vmunet", "mhs-vm", "unet", "attention-unet")
+
+INPUT_CEILING = 4.0
+"""Normalised magnitude images are ``min(|x| / q, INPUT_CEILING)`` with ``q`` a robust maximum
+(the 99.5th percentile): tissue brighter than ``q`` keeps its contrast (a small bright structure
+such as fluid can lie above the percentile), and only outliers beyond 4 q saturate. Shared by
+``kscan segment``, segmentation training and the multitask models' head input."""
 _SET_BY_MODEL = ("in_channels", "num_classes")
 
 

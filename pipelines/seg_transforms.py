@@ -4,10 +4,12 @@
 
     q = percentile(|x|, 99.5)            (linear interpolation, as numpy.percentile)
     q = max(|x|)  if q == 0              (a slice that is more than 99.5 % zeros)
-    y = clip(|x| / q, 0, 1)
+    y = clip(|x| / q, 0, c)              c = kscan.models.seg_heads.INPUT_CEILING = 4
 
-The networks take magnitude images; ``|x|`` makes a signed input a magnitude, and the 0.5 % of
-brightest pixels saturate at 1, so one hot pixel does not darken the slice. An all-zero slice
+The networks take magnitude images; ``|x|`` makes a signed input a magnitude, and one hot pixel
+does not darken the slice (the scale is a percentile, not the maximum). Pixels brighter than ``q``
+keep their contrast up to ``4 q`` (clipping at ``q`` itself erased the contrast between a small,
+bright structure and the brightest tissue around it), and only outliers beyond saturate. An all-zero slice
 stays all zeros (there is no scale to find): the caller decides what to say about it.
 
 **Padding** (:func:`pad_to_multiple`): zeros (the background of a normalised MR image; reflection
@@ -22,6 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from kscan.errors import ConfigError, InvalidDataError, ShapeError
+from kscan.models.seg_heads import INPUT_CEILING
 
 ROBUST_PERCENTILE = 99.5
 """The percentile of ``|x|`` that :func:`normalize_image` maps to 1."""
@@ -31,9 +34,9 @@ Crop = tuple[slice, slice]
 
 
 def normalize_image(x: torch.Tensor, name: str = "x") -> torch.Tensor:
-    """Scale each slice of ``x`` ``(..., H, W)`` (real) to ``[0, 1]`` by its robust maximum.
+    """Scale each slice of ``x`` ``(..., H, W)`` (real) by its robust maximum.
 
-    ``y = clip(|x| / q, 0, 1)`` with ``q`` the 99.5th percentile of ``|x|`` over the slice (its
+    ``y = clip(|x| / q, 0, INPUT_CEILING)`` with ``q`` the 99.5th percentile of ``|x|`` over the slice (its
     maximum when that percentile is 0); all-zero slices give zeros. Returns a floating tensor of
     ``x``'s shape (float32 for integer input). ``name`` names ``x`` in error messages.
 
@@ -64,7 +67,7 @@ def normalize_image(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     scale = _percentile(flat, ROBUST_PERCENTILE)
     scale = torch.where(scale > 0, scale, flat.amax(dim=1, keepdim=True))
     y = torch.where(scale > 0, flat / scale.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
-    return y.clamp_(0.0, 1.0).reshape(x.shape)
+    return y.clamp_(0.0, INPUT_CEILING).reshape(x.shape)
 
 
 def _percentile(rows: torch.Tensor, percent: float) -> torch.Tensor:
