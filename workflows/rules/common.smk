@@ -172,6 +172,16 @@ def seed_option():
     return "" if seed is None else f"--seed {seed}"
 
 
+def solver_options(wildcards):
+    """``--lam``, ``--max-iter`` (and ``--regularizer`` for cs) of a classical method, from
+    ``reconstruct.options.<method>``; unset values keep the solver's defaults."""
+    options = config["reconstruct"]["options"].get(wildcards.method, {})
+    flags = [
+        f"--{key.replace('_', '-')} {value}" for key, value in options.items() if value is not None
+    ]
+    return " ".join(flags)
+
+
 # --- segment -----------------------------------------------------------------------------------
 
 

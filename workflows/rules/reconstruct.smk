@@ -12,6 +12,7 @@ rule reconstruct:
     params:
         maps=config["reconstruct"]["maps"],
         batch_size=config["reconstruct"]["batch_size"],
+        options=solver_options,
     conda:
         "../envs/kscan.yaml"
     log:
@@ -25,7 +26,7 @@ rule reconstruct:
         gpu=rule_resources("reconstruct")["gpu"],
     shell:
         "OMP_NUM_THREADS={threads} kscan reconstruct {input:q} {output:q} --method {wildcards.method}"
-        " --maps {params.maps} --batch-size {params.batch_size} --quiet > {log:q} 2>&1"
+        " --maps {params.maps} --batch-size {params.batch_size} {params.options} --quiet > {log:q} 2>&1"
 
 
 rule reconstruct_learned:
