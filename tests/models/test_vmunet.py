@@ -229,15 +229,23 @@ def test_bad_inputs_raise_shape_errors():
     assert three_stages(torch.randn(1, 1, 16, 48)).shape == (1, 1, 16, 48)
 
 
-def test_reference_and_torch_scan_backends_agree(monkeypatch):
+@pytest.mark.parametrize(
+    "backends",
+    [("reference", "torch"), pytest.param(("reference", "triton"), marks=pytest.mark.slow)],
+    ids=["torch", "triton"],
+)
+def test_scan_backends_agree(monkeypatch, backends):
+    """Same weights, same outputs on every scan backend (Triton interpreted on CPU, conftest)."""
+    if "triton" in backends:
+        pytest.importorskip("triton")
     model = tiny_model(num_classes=2).eval()
     x = torch.randn(1, 1, 32, 64)
     outputs = {}
-    for backend in ("reference", "torch"):
+    for backend in backends:
         monkeypatch.setenv("KSCAN_SCAN_BACKEND", backend)
         with torch.no_grad():
             outputs[backend] = model(x)
-    torch.testing.assert_close(outputs["torch"], outputs["reference"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[backends[1]], outputs["reference"], rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_reaches_every_parameter():
