@@ -31,9 +31,9 @@ test-fast: setup
 DEMO_DIR ?= demo
 SNAKEMAKE := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" "$(CURDIR)/$(VENV)/bin/snakemake"
 
-demo: setup $(DEMO_DIR)/samples.tsv $(DEMO_DIR)/weights/vmunet.safetensors
-	$(VENV)/bin/kscan simulate $(DEMO_DIR)/data --volumes 3 --slices 6 --kspace-size 128,96 \
-		--recon-size 96,96 --coils 4 --quiet
+demo: setup $(DEMO_DIR)/samples.tsv
+	$(VENV)/bin/kscan simulate $(DEMO_DIR)/data --volumes 3 --slices 4 --kspace-size 160,128 \
+		--recon-size 128,128 --coils 4 --seed 20 --quiet
 	# --unlock first: a demo killed with SIGKILL leaves Snakemake's lock behind (run one demo at a time).
 	cd $(DEMO_DIR) && $(SNAKEMAKE) -s "$(CURDIR)/workflows/Snakefile" \
 		--configfile "$(CURDIR)/workflows/config/demo.yaml" --unlock --quiet all >/dev/null
@@ -43,10 +43,6 @@ demo: setup $(DEMO_DIR)/samples.tsv $(DEMO_DIR)/weights/vmunet.safetensors
 
 $(DEMO_DIR)/samples.tsv: workflows/config/demo_samples.tsv
 	mkdir -p $(DEMO_DIR) && cp $< $@
-
-# Tiny random placeholders until kscan ships trained weights (workflows/scripts/tiny_weights.py).
-$(DEMO_DIR)/weights/vmunet.safetensors: | setup
-	$(PY) workflows/scripts/tiny_weights.py $(DEMO_DIR)/weights
 
 # The physics demo: simulate, undersample and reconstruct a phantom; print the metrics.
 demo-physics: setup
