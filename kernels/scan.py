@@ -3,7 +3,10 @@
 Backends (one signature, the maths of :mod:`kscan.kernels.scan_reference`):
 
 - ``reference``: the sequential loop, the definition the others are tested against;
-- ``torch``: the chunked torch scan (:mod:`kscan.kernels.scan_torch`), the default for CPU tensors;
+- ``numba``: fused numba kernels (:mod:`kscan.kernels.scan_numba`), the default for CPU tensors
+  when numba imports;
+- ``torch``: the chunked torch scan (:mod:`kscan.kernels.scan_torch`), the default for CPU tensors
+  without numba;
 - ``triton``: Triton kernels (:mod:`kscan.kernels.scan_triton`), the default for CUDA tensors when
   Triton is available (otherwise CUDA tensors use ``torch``);
 - ``mamba_ssm``: mamba-ssm's compiled CUDA kernel, only when asked for.
@@ -24,7 +27,7 @@ from kscan.errors import ConfigError, ShapeError
 from kscan.kernels.scan_reference import selective_scan_reference
 from kscan.kernels.scan_torch import selective_scan_torch
 
-BACKENDS = ("reference", "torch", "triton", "mamba_ssm")
+BACKENDS = ("reference", "numba", "torch", "triton", "mamba_ssm")
 ENV_VAR = "KSCAN_SCAN_BACKEND"
 
 ScanFn = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
@@ -39,6 +42,15 @@ def _triton_backend() -> ScanFn | None:
     available = getattr(module, "triton_available", None)
     fn = getattr(module, "selective_scan_triton", None)
     return fn if available is not None and fn is not None and available() else None
+
+
+def _numba_backend() -> ScanFn | None:
+    """``selective_scan_numba`` when its module (and so numba) imports, else None."""
+    try:
+        module = importlib.import_module("kscan.kernels.scan_numba")
+    except ImportError:
+        return None
+    return module.selective_scan_numba
 
 
 def _mamba_ssm_backend(device: torch.device, initial_state: torch.Tensor | None) -> ScanFn:
@@ -61,20 +73,31 @@ def resolve_backend(
     """The backend's name and function for tensors on ``device``.
 
     ``backend`` wins over ``$KSCAN_SCAN_BACKEND``; without either, CUDA tensors use ``triton``
-    (``torch`` when Triton is unavailable) and other tensors ``torch``.
+    (``torch`` when Triton is unavailable) and other tensors ``numba`` (``torch`` when numba is
+    unavailable).
     """
     source = "backend"
     if backend is None and os.environ.get(ENV_VAR):
         backend, source = os.environ[ENV_VAR], ENV_VAR
     if backend is None:
-        triton_fn = _triton_backend() if device.type == "cuda" else None
-        return ("triton", triton_fn) if triton_fn is not None else ("torch", selective_scan_torch)
+        if device.type == "cuda":
+            fn, name = _triton_backend(), "triton"
+        else:
+            fn, name = _numba_backend(), "numba"
+        return (name, fn) if fn is not None else ("torch", selective_scan_torch)
     if backend not in BACKENDS:
         raise ConfigError(f"{source} is {backend!r}, expected one of {', '.join(BACKENDS)}")
     if backend == "reference":
         return backend, selective_scan_reference
     if backend == "torch":
         return backend, selective_scan_torch
+    if backend == "numba":
+        numba_fn = _numba_backend()
+        if numba_fn is None:
+            raise ConfigError("numba backend needs numba (pip install numba)")
+        if device.type != "cpu":
+            raise ConfigError(f"numba backend needs CPU tensors, got tensors on {device}")
+        return backend, numba_fn
     if backend == "triton":
         triton_fn = _triton_backend()
         if triton_fn is None:

@@ -1,10 +1,13 @@
-"""``kscan bench scan``: the selective scan on CPU, the ``torch`` backend beside its peers.
+"""``kscan bench scan``: the selective scan on CPU, the default CPU backend beside its peers.
 
 Candidates, on the same float32 inputs (``u, delta (batch, D, L)``, ``A (D, N)``, variable
 ``B, C (batch, N, L)``; no ``D``, ``z`` or bias), each computing ``y_t = sum_n C_t h_t`` with
 ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``:
 
-- ``torch``: :func:`kscan.kernels.scan_torch.selective_scan_torch`, the chunked scan;
+- ``numba``: :func:`kscan.kernels.scan_numba.selective_scan_numba`, the fused CPU kernels (the
+  default CPU backend when numba is installed);
+- ``torch``: :func:`kscan.kernels.scan_torch.selective_scan_torch`, the chunked scan (the default
+  CPU backend without numba);
 - ``reference``: :func:`kscan.kernels.scan_reference.selective_scan_reference`, the sequential
   loop (its backward is plain autograd through that loop);
 - ``mambapy``: ``mambapy.pscan.pscan`` (the parallel scan of the ``mambapy`` package, a
@@ -14,12 +17,13 @@ Candidates, on the same float32 inputs (``u, delta (batch, D, L)``, ``A (D, N)``
 
 Rows: forward (under ``torch.no_grad``) and forward+backward at batch 2, D 64, N 16, L 4096;
 the forward at the VM-UNet stage-1 inference shape (batch 1, 4 directions x 192 channels = D 768,
-L 4096, N 16). Targets: ``torch`` forward >= 10x faster than ``reference``, forward+backward
->= 50x, faster than ``mambapy`` in both; extra memory of the ``torch`` backend <= 1/8 of the
-``(batch, D, L, N)`` float32 state tensor, measured by tracking every storage that torch
-allocates during the call (a ``TorchDispatchMode``): the peak of the inference forward beyond
-``y``, what a forward keeps for the backward beyond ``y``, and the peak of the backward beyond
-the gradients it returns.
+L 4096, N 16). Speed-ups are those of the default CPU backend. Targets: forward >= 10x faster
+than ``reference``, forward+backward >= 50x, faster than ``mambapy`` in both; extra memory of
+each kscan backend <= 1/8 of the ``(batch, D, L, N)`` float32 state tensor, measured by tracking
+every storage that torch allocates during the call (a ``TorchDispatchMode``): the peak of the
+inference forward beyond ``y``, what a forward keeps for the backward beyond ``y``, and the peak of
+the backward beyond the gradients it returns. The ``numba`` kernels' own per-thread scratch
+buffers are not torch storages; their size is reported beside (``scratch_bytes``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from tabulate import tabulate
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from kscan.kernels.scan import resolve_backend
 from kscan.kernels.scan_reference import selective_scan_reference
 from kscan.kernels.scan_torch import selective_scan_torch
 from kscan.pipelines.atomic import write_json
@@ -93,12 +98,19 @@ def _with_backward(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return run
 
 
+def default_backend() -> tuple[str, Callable[..., torch.Tensor]]:
+    """The CPU backend ``selective_scan`` uses without a ``backend`` argument."""
+    return resolve_backend(torch.device("cpu"), None)
+
+
 def candidates(x: Inputs) -> dict[str, Callable[[], torch.Tensor]]:
-    """``torch``, ``reference`` and (when installed) ``mambapy``, as zero-argument calls."""
-    found: dict[str, Callable[[], torch.Tensor]] = {
-        "torch": lambda: selective_scan_torch(**x),
-        "reference": lambda: selective_scan_reference(**x),
-    }
+    """The default CPU backend first, then ``torch`` (if not the default), ``reference`` and (when
+    installed) ``mambapy``, as zero-argument calls."""
+    name, fn = default_backend()
+    found: dict[str, Callable[[], torch.Tensor]] = {name: lambda: fn(**x)}
+    if name != "torch":
+        found["torch"] = lambda: selective_scan_torch(**x)
+    found["reference"] = lambda: selective_scan_reference(**x)
     mambapy = _mambapy_candidate(x)
     if mambapy is not None:
         found["mambapy"] = mambapy
@@ -152,9 +164,10 @@ def peak_bytes(fn: Callable[[], object], existing: list[torch.Tensor]) -> tuple[
 def _speed_row(
     name: str, times: dict[str, dict[str, float]], targets: dict[str, float]
 ) -> dict[str, Any]:
-    ours = times["torch"]["median_s"]
-    speedups = {peer: times[peer]["median_s"] / ours for peer in targets if peer in times}
-    met = {peer: speedups[peer] >= targets[peer] for peer in speedups}
+    backend = default_backend()[0]
+    ours = times[backend]["median_s"]
+    speedups = {peer: t["median_s"] / ours for peer, t in times.items() if peer != backend}
+    met = {peer: speedups[peer] >= targets[peer] for peer in targets if peer in speedups}
     notes = [
         f"{peer} is not installed (pip install 'kscan[bench]')"
         for peer in targets
@@ -162,6 +175,7 @@ def _speed_row(
     ]
     return {
         "name": name,
+        "backend": backend,
         "times": times,
         "speedup_over": speedups,
         "target_speedup": targets,
@@ -188,8 +202,10 @@ def bench_speed(
     ]
 
 
-def bench_memory(batch: int, channels: int, n: int, length: int) -> dict[str, Any]:
-    """Memory of the ``torch`` backend beside the ``(batch, D, L, N)`` float32 state tensor.
+def bench_memory(
+    batch: int, channels: int, n: int, length: int, backend: str, fn: Callable[..., torch.Tensor]
+) -> dict[str, Any]:
+    """Memory of one backend beside the ``(batch, D, L, N)`` float32 state tensor.
 
     ``forward``: peak bytes during an inference call beyond the returned ``y``;
     ``saved for backward``: what a call with gradients keeps beyond ``y``;
@@ -200,23 +216,30 @@ def bench_memory(batch: int, channels: int, n: int, length: int) -> dict[str, An
     leaves = list(x.values())
     state_bytes = batch * channels * length * n * 4
     y_bytes = batch * channels * length * 4
-    peak, kept = peak_bytes(_forward_only(lambda: selective_scan_torch(**x)), leaves)
+    peak, kept = peak_bytes(_forward_only(lambda: fn(**x)), leaves)
     rows = {"forward": {"peak_bytes": peak, "returned_bytes": kept, "extra_bytes": peak - kept}}
-    _, kept = peak_bytes(lambda: selective_scan_torch(**x), leaves)
+    _, kept = peak_bytes(lambda: fn(**x), leaves)
     rows["saved for backward"] = {"returned_bytes": y_bytes, "extra_bytes": kept - y_bytes}
-    y = selective_scan_torch(**x)
+    y = fn(**x)
     dy = torch.ones_like(y)
     peak, kept = peak_bytes(lambda: torch.autograd.grad(y, leaves, dy), [*leaves, y, dy])
     rows["backward"] = {"peak_bytes": peak, "returned_bytes": kept, "extra_bytes": peak - kept}
     for r in rows.values():
         r["extra_fraction_of_state"] = r["extra_bytes"] / state_bytes
         r["met"] = r["extra_fraction_of_state"] <= 1 / 8
-    return {
-        "name": f"torch backend extra memory (batch {batch}, D {channels}, N {n}, L {length})",
+    report = {
+        "name": f"{backend} backend extra memory (batch {batch}, D {channels}, N {n}, L {length})",
+        "backend": backend,
         "state_tensor_bytes": state_bytes,
         "target": "extra_fraction_of_state <= 0.125",
         "results": rows,
     }
+    if backend == "numba":
+        from kscan.kernels.scan_numba import scratch_bytes
+
+        forward, backward = scratch_bytes(n, torch.float32)
+        report["scratch_bytes_per_thread"] = {"forward": forward, "backward": backward}
+    return report
 
 
 def bench_inference(batch: int, channels: int, n: int, length: int, repeats: int) -> dict[str, Any]:
@@ -244,12 +267,15 @@ def run(
         "machine": machine_info(torch.device("cpu")),
         "speed": bench_speed(batch, channels, n, length, repeats, reference_repeats)
         + [bench_inference(1, vmunet_channels, n, length, repeats)],
-        "memory": bench_memory(batch, channels, n, length),
+        "memory": [
+            bench_memory(batch, channels, n, length, name, fn)
+            for name, fn in dict([default_backend(), ("torch", selective_scan_torch)]).items()
+        ],
     }
 
 
 def table(report: dict[str, Any]) -> list[list[object]]:
-    """Rows ``[benchmark, candidate, median ms, torch speed-up, target, met]``."""
+    """Rows ``[benchmark, candidate, median ms, speed-up of the default backend, target, met]``."""
     rows: list[list[object]] = []
     for res in report["speed"]:
         for i, (name, t) in enumerate(res["times"].items()):
@@ -264,18 +290,18 @@ def table(report: dict[str, Any]) -> list[list[object]]:
                     ("yes" if res["met"][name] else "NO") if name in res["met"] else "",
                 ]
             )
-    mem = report["memory"]
-    for name, r in mem["results"].items():
-        rows.append(
-            [
-                f"extra memory, {name}",
-                "torch",
-                "",
-                f"{r['extra_fraction_of_state']:.3f} of state",
-                "<= 0.125",
-                "yes" if r["met"] else "NO",
-            ]
-        )
+    for mem in report["memory"]:
+        for name, r in mem["results"].items():
+            rows.append(
+                [
+                    f"extra memory, {name}",
+                    mem["backend"],
+                    "",
+                    f"{r['extra_fraction_of_state']:.3f} of state",
+                    "<= 0.125",
+                    "yes" if r["met"] else "NO",
+                ]
+            )
     return rows
 
 
@@ -283,7 +309,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``kscan bench scan``."""
     parser = sub.add_parser(
         "scan",
-        help="the selective scan's torch backend against the reference and mambapy (CPU)",
+        help="the selective scan's CPU backends against the reference and mambapy",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: kscan bench scan --out out/bench/scan.json",
@@ -314,7 +340,8 @@ def _main(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         reference_repeats=args.reference_repeats,
     )
-    headers = ["benchmark", "candidate", "median ms", "torch speed-up", "target", "met"]
+    backend = default_backend()[0]
+    headers = ["benchmark", "candidate", "median ms", f"{backend} speed-up", "target", "met"]
     print(tabulate(table(report), headers=headers, tablefmt="github"))
     for res in report["speed"]:
         if res["note"]:

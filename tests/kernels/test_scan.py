@@ -1,7 +1,9 @@
-"""The public ``selective_scan`` and its ``torch`` backend against the sequential reference."""
+"""The public ``selective_scan`` and its ``torch`` and ``numba`` backends against the sequential
+reference."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import pytest
@@ -164,9 +166,9 @@ def test_initial_state_continues_a_split_sequence():
     torch.testing.assert_close(h2, h)
 
 
-def test_cpu_default_is_torch_and_backend_argument_wins(monkeypatch):
+def test_cpu_default_and_backend_argument_wins(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    assert resolve_backend(torch.device("cpu"))[0] == "torch"
+    assert resolve_backend(torch.device("cpu"))[0] == ("numba" if HAS_NUMBA else "torch")
     monkeypatch.setenv(ENV_VAR, "reference")
     assert resolve_backend(torch.device("cpu"))[0] == "reference"
     assert resolve_backend(torch.device("cpu"), "torch")[0] == "torch"
@@ -232,3 +234,147 @@ def test_integer_and_complex_inputs_are_rejected():
         selective_scan(**_replace(x, u=torch.zeros(1, 4, 10, dtype=torch.long)))
     with pytest.raises(ShapeError, match="A is torch.complex64"):
         selective_scan(**_replace(x, A=torch.zeros(4, 4, dtype=torch.complex64)))
+
+
+# ---- the numba backend (fused CPU kernels) ----
+
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
+if HAS_NUMBA:
+    from kscan.kernels import scan_numba
+    from kscan.kernels.scan_numba import selective_scan_numba
+
+FLOAT64_TOL = dict(rtol=1e-10, atol=1e-10)
+
+NUMBA_CASES = [  # batch, D, N, L, groups, extras
+    (2, 4, 4, 1, None, False),  # L = 1
+    (2, 4, 4, 1, 2, True),
+    (1, 6, 1, 37, None, True),  # N = 1, L not a multiple of the chunk
+    (2, 8, 16, 100, 2, True),  # N = 16, grouped
+    (1, 8, 4, 64, 4, False),  # two full chunks
+    (1, 80, 4, 33, None, True),  # a block of 64 channels and a short one
+    (1, 160, 2, 40, None, True),  # three blocks per group: three parts in the backward
+    (2, 72, 3, 20, 2, False),  # 36 channels per group
+]
+
+
+@needs_numba
+@pytest.mark.parametrize("batch, channels, n, length, groups, extras", NUMBA_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_numba_matches_reference(batch, channels, n, length, groups, extras, dtype):
+    x = make_inputs(batch, channels, n, length, groups, extras, dtype=dtype, seed=length)
+    tol = FLOAT64_TOL if dtype == torch.float64 else FLOAT32_TOL
+    assert_match(x, selective_scan_numba, tol)
+
+
+@needs_numba
+@pytest.mark.slow
+def test_numba_long_sequence_matches_reference():
+    x = make_inputs(1, 4, 16, 4096, None, True, seed=4)
+    assert_match(x, selective_scan_numba, FLOAT32_TOL)
+
+
+@needs_numba
+def test_numba_bfloat16_inputs_match_reference():
+    x = make_inputs(2, 4, 4, 40, 2, True, dtype=torch.bfloat16, seed=5)
+    assert_match(x, selective_scan_numba, BF16_TOL)
+
+
+@needs_numba
+@pytest.mark.parametrize("groups, extras", [(None, True), (2, True), (None, False)])
+def test_numba_gradcheck_float64(groups, extras):
+    x = make_inputs(1, 4, 2, 7, groups, extras, dtype=torch.float64, seed=6)
+    names = list(x)
+
+    def fn(*tensors):
+        kw = dict(zip(names, tensors, strict=True))
+        return selective_scan_numba(**kw, delta_softplus=extras, return_last_state=True)
+
+    assert torch.autograd.gradcheck(fn, tuple(x.values()))
+
+
+@needs_numba
+def test_numba_backward_is_bitwise_reproducible():
+    x = make_inputs(2, 160, 4, 70, 2, True, seed=11)
+    first = run_with_grads(selective_scan_numba, x)[2]
+    second = run_with_grads(selective_scan_numba, x)[2]
+    for name in x:
+        assert torch.equal(first[name], second[name]), name
+
+
+@needs_numba
+def test_numba_stable_when_decays_underflow():
+    """exp(delta A) underflows; the clamped exponent gives 2^-1022 instead of 0."""
+    x = make_inputs(1, 4, 4, 300, None, False, dtype=torch.float64, seed=8)
+    with torch.no_grad():
+        x["A"].mul_(40.0)
+        x["delta"].mul_(20.0)
+    y, last = selective_scan_numba(**x, return_last_state=True)
+    y_ref, last_ref = selective_scan_reference(**x, return_last_state=True)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(last, last_ref)
+
+
+@needs_numba
+def test_numba_saves_chunk_states_only_when_gradients_are_needed():
+    batch, channels, n, length = 1, 32, 16, 1024
+    x = make_inputs(batch, channels, n, length, None, True)
+    inputs = {v.data_ptr() for v in x.values()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        selective_scan_numba(**x, delta_softplus=True)
+        extra = [t.numel() for t in saved if t.data_ptr() not in inputs]
+        assert extra == [batch * channels * length * n // scan_numba.CHUNK]
+        saved.clear()
+        with torch.no_grad():
+            selective_scan_numba(**x, delta_softplus=True)
+    assert not saved
+
+
+@needs_numba
+def test_numba_initial_state_continues_a_split_sequence():
+    x = make_inputs(1, 4, 4, 60, None, False, dtype=torch.float64, seed=9)
+    x = {k: v.detach() for k, v in x.items()}
+    first = {k: v[..., :25] if k != "A" else v for k, v in x.items()}
+    second = {k: v[..., 25:] if k != "A" else v for k, v in x.items()}
+    y1, h1 = selective_scan_numba(**first, return_last_state=True)
+    y2, h2 = selective_scan_numba(**second, initial_state=h1, return_last_state=True)
+    y, h = selective_scan_numba(**x, return_last_state=True)
+    torch.testing.assert_close(torch.cat([y1, y2], -1), y)
+    torch.testing.assert_close(h2, h)
+
+
+@needs_numba
+def test_numba_parts_divide_the_blocks_within_the_memory_budget():
+    for blocks, channels, groups in [(1, 64, 1), (12, 768, 1), (3, 160, 1), (4, 512, 2)]:
+        parts = scan_numba._parts(blocks, channels, groups)
+        assert blocks % parts == 0
+        assert 2 * (parts - 1) * groups / channels <= scan_numba.PARTS_BUDGET
+    assert scan_numba._parts(12, 768, 1) == 12
+    assert scan_numba._parts(3, 160, 1) == 3
+
+
+@needs_numba
+def test_cpu_default_is_numba_and_matches_reference(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert resolve_backend(torch.device("cpu"))[0] == "numba"
+    x = make_inputs(2, 8, 16, 50, 4, True, seed=3)
+    assert_match(x, selective_scan, FLOAT32_TOL)
+
+
+@needs_numba
+def test_forcing_numba_for_cuda_tensors_is_refused():
+    with pytest.raises(ConfigError, match="numba backend needs CPU tensors, got tensors on cuda"):
+        resolve_backend(torch.device("cuda"), "numba")
+
+
+def test_without_numba_cpu_falls_back_to_torch(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setitem(sys.modules, "numba", None)
+    monkeypatch.delitem(sys.modules, "kscan.kernels.scan_numba", raising=False)
+    with pytest.raises(ImportError):
+        importlib.import_module("kscan.kernels.scan_numba")
+    assert resolve_backend(torch.device("cpu"))[0] == "torch"
+    with pytest.raises(ConfigError, match=r"numba backend needs numba \(pip install numba\)"):
+        resolve_backend(torch.device("cpu"), "numba")
