@@ -33,13 +33,12 @@ from kscan.pipelines.benchmark_config import (
     MaskConfig,
     ModelEntry,
 )
-from kscan.pipelines.checkpoint import load_model
 from kscan.pipelines.cli_args import device
 from kscan.pipelines.io.fastmri import FastMRIFile
 from kscan.pipelines.io.slice_dataset import list_volume_files
 from kscan.pipelines.machine import machine_info
 from kscan.pipelines.memory import peak_rss
-from kscan.pipelines.model_inference import load_reconstructor, model_layout_mask
+from kscan.pipelines.model_inference import load_reconstructor
 from kscan.pipelines.provenance import sha256_file
 from kscan.pipelines.reconstruct import ReconSettings, classical_solve
 from kscan.pipelines.segment import SegSettings, class_names, load_segmenter, segment_volume
@@ -50,7 +49,7 @@ Runner = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]
 ]
 """``(masked k-space (b, coil, H, W), mask (1, W) or (H, W), the file's coil maps or None)`` ->
-``(image (b, H, W), segmentation logits (b, classes, H, W) or None)``."""
+``(image (b, H, W), labels (b, H, W) or None)``."""
 
 CPU_MEMORY = (
     "process RSS high-water delta: peak resident set size during the cell (VmHWM reset via "
@@ -150,25 +149,6 @@ def _classical(entry: ModelEntry, batch_size: int) -> Loaded:
     return Loaded(0, runner=lambda k, m, maps: (solve(k, m, maps), None))
 
 
-def _multitask_runner(model: torch.nn.Module) -> Runner:
-    """The last image and logits of a multitask model, in the file's (centered) layout."""
-    dims = (-2, -1)
-
-    def run(kspace: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor | None) -> Any:
-        model_mask = model_layout_mask(mask, kspace)
-        with torch.inference_mode():
-            if not model.centered:
-                kspace = torch.fft.ifftshift(kspace, dim=dims)
-                model_mask = torch.fft.ifftshift(model_mask, dim=dims)
-            out = model(kspace, model_mask)
-            image, logits = out.image_iterates[-1], out.seg_logits[-1]
-            if not model.centered:
-                image, logits = (torch.fft.fftshift(x, dim=dims) for x in (image, logits))
-            return image, logits
-
-    return run
-
-
 def load_entry(entry: ModelEntry, dev: torch.device, batch_size: int) -> Loaded:
     """Load an entry's model (raises the checkpoint's errors: the cells report them)."""
     if entry.kind == "classical":
@@ -185,15 +165,9 @@ def load_entry(entry: ModelEntry, dev: torch.device, batch_size: int) -> Loaded:
         return Loaded(
             _count(segmenter.model), segmenter=segmenter, class_names=names, checkpoint=str(path)
         )
-    model, ckpt = load_model(path, dev, task="multitask")
-    if ckpt.model != entry.model:
-        raise ConfigError(
-            f"{path}: holds a {ckpt.model!r} model; the entry asks for {entry.model!r}"
-        )
-    names = class_names(ckpt, model.num_classes)
-    return Loaded(
-        _count(model), runner=_multitask_runner(model), class_names=names, checkpoint=str(path)
-    )
+    rec = load_reconstructor(entry.model, path, dev, segment=True)
+    names = class_names(rec.checkpoint, rec.model.num_classes)
+    return Loaded(_count(rec.model), runner=rec, class_names=names, checkpoint=str(path))
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -351,11 +325,11 @@ def _image_cell(
                     loaded.runner(kspace, m, maps)
                     loaded.warm = True
                 with measure.timed():
-                    result, logits = loaded.runner(kspace, m, maps)
+                    result, seg = loaded.runner(kspace, m, maps)
                 stop = start + len(batch)
                 image[start:stop] = center_crop(result, crop).abs().cpu().numpy()
                 if labels is not None:
-                    labels[start:stop] = center_crop(logits, crop).argmax(dim=1).cpu().numpy()
+                    labels[start:stop] = center_crop(seg, crop).cpu().numpy()
                 target += [b["target"].numpy() for b in batch]
                 truth += [b["segmentation"].numpy() for b in batch if "segmentation" in b]
             slices_done += n
