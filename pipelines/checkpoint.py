@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from kscan.config import to_mapping
@@ -111,9 +111,9 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
     if not path.is_file():
         raise FileFormatError(f"{path}: no such checkpoint file")
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:  # one read: tensors and metadata
             metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise FileFormatError(
             f"{path}: not a safetensors file ({err}); DIRECT and fastMRI checkpoints (.pt) are "
