@@ -29,20 +29,18 @@ buffers are not torch storages; their size is reported beside (``scratch_bytes``
 from __future__ import annotations
 
 import argparse
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from tabulate import tabulate
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from kscan.kernels.scan import resolve_backend
 from kscan.kernels.scan_reference import selective_scan_reference
 from kscan.kernels.scan_torch import selective_scan_torch
 from kscan.pipelines.atomic import write_json
 from kscan.pipelines.machine import machine_info
+from kscan.pipelines.memory import peak_tensor_bytes
 from kscan.pipelines.timing import compare_times
 
 Inputs = dict[str, torch.Tensor]
@@ -117,50 +115,6 @@ def candidates(x: Inputs) -> dict[str, Callable[[], torch.Tensor]]:
     return found
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storages created inside the mode and still alive: current and peak."""
-
-    def __init__(self, existing: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._keys = {t.untyped_storage().data_ptr() for t in existing}
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._keys.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {  # a view or in-place result lives in an input's storage: not a new one
-            t.untyped_storage().data_ptr()
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes and key not in self._keys and key not in inputs:
-                self._keys.add(key)
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, key, nbytes)
-        return out
-
-
-def peak_bytes(fn: Callable[[], object], existing: list[torch.Tensor]) -> tuple[int, int]:
-    """``(peak, kept)``: the most bytes of storages created by ``fn`` alive at once, and the bytes
-    still alive when it returns (what it returns, or keeps for a backward pass). Storages of
-    ``existing`` tensors are not counted."""
-    meter = _LiveBytes(existing)
-    with meter:
-        result = fn()
-    kept = meter.live
-    del result
-    return meter.peak, kept
-
-
 def _speed_row(
     name: str, times: dict[str, dict[str, float]], targets: dict[str, float]
 ) -> dict[str, Any]:
@@ -216,13 +170,13 @@ def bench_memory(
     leaves = list(x.values())
     state_bytes = batch * channels * length * n * 4
     y_bytes = batch * channels * length * 4
-    peak, kept = peak_bytes(_forward_only(lambda: fn(**x)), leaves)
+    peak, kept = peak_tensor_bytes(_forward_only(lambda: fn(**x)), leaves)
     rows = {"forward": {"peak_bytes": peak, "returned_bytes": kept, "extra_bytes": peak - kept}}
-    _, kept = peak_bytes(lambda: fn(**x), leaves)
+    _, kept = peak_tensor_bytes(lambda: fn(**x), leaves)
     rows["saved for backward"] = {"returned_bytes": y_bytes, "extra_bytes": kept - y_bytes}
     y = fn(**x)
     dy = torch.ones_like(y)
-    peak, kept = peak_bytes(lambda: torch.autograd.grad(y, leaves, dy), [*leaves, y, dy])
+    peak, kept = peak_tensor_bytes(lambda: torch.autograd.grad(y, leaves, dy), [*leaves, y, dy])
     rows["backward"] = {"peak_bytes": peak, "returned_bytes": kept, "extra_bytes": peak - kept}
     for r in rows.values():
         r["extra_fraction_of_state"] = r["extra_bytes"] / state_bytes

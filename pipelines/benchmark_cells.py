@@ -37,7 +37,7 @@ from kscan.pipelines.cli_args import device
 from kscan.pipelines.io.fastmri import FastMRIFile
 from kscan.pipelines.io.slice_dataset import list_volume_files
 from kscan.pipelines.machine import machine_info
-from kscan.pipelines.memory import peak_rss
+from kscan.pipelines.memory import peak_tensor_bytes
 from kscan.pipelines.model_inference import load_reconstructor
 from kscan.pipelines.provenance import sha256_file
 from kscan.pipelines.reconstruct import ReconSettings, classical_solve
@@ -52,8 +52,9 @@ Runner = Callable[
 ``(image (b, H, W), labels (b, H, W) or None)``."""
 
 CPU_MEMORY = (
-    "process RSS high-water delta: peak resident set size during the cell (VmHWM reset via "
-    "/proc/self/clear_refs, else ru_maxrss) minus the resident set size before it"
+    "torch tensor bytes: the model's parameters and buffers, the batch's inputs and the peak of "
+    "the tensor storages allocated during the cell's first (untimed) batch, counted op by op; "
+    "numpy/numba scratch not counted"
 )
 CUDA_MEMORY = "torch.cuda.max_memory_allocated during the cell (peak statistics reset before it)"
 
@@ -141,7 +142,7 @@ class Loaded:
     segmenter: Any = None
     class_names: dict[int, str] | None = None
     checkpoint: str | None = None
-    warm: bool = False
+    weights: list[torch.Tensor] = field(default_factory=list)
 
 
 def _classical(entry: ModelEntry, batch_size: int) -> Loaded:
@@ -156,22 +157,24 @@ def load_entry(entry: ModelEntry, dev: torch.device, batch_size: int) -> Loaded:
     path = entry.checkpoint_path()
     if entry.kind == "reconstruction":
         rec = load_reconstructor(entry.model, path, dev)
-        return Loaded(
-            _count(rec.model), runner=lambda k, m, maps: (rec(k, m), None), checkpoint=str(path)
-        )
+        return _learned(rec.model, path, runner=lambda k, m, maps: (rec(k, m), None))
     if entry.kind == "segmentation":
         segmenter, ckpt = load_segmenter(entry.model, path, dev, SegSettings(batch_size))
         names = class_names(ckpt, segmenter.num_classes)
-        return Loaded(
-            _count(segmenter.model), segmenter=segmenter, class_names=names, checkpoint=str(path)
-        )
+        return _learned(segmenter.model, path, segmenter=segmenter, class_names=names)
     rec = load_reconstructor(entry.model, path, dev, segment=True)
     names = class_names(rec.checkpoint, rec.model.num_classes)
-    return Loaded(_count(rec.model), runner=rec, class_names=names, checkpoint=str(path))
+    return _learned(rec.model, path, runner=rec, class_names=names)
 
 
-def _count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _learned(model: torch.nn.Module, path: Path, **parts: Any) -> Loaded:
+    """A learned entry: its parameter count, checkpoint and weight tensors, plus ``parts``."""
+    return Loaded(
+        sum(p.numel() for p in model.parameters()),
+        checkpoint=str(path),
+        weights=[*model.parameters(), *model.buffers()],
+        **parts,
+    )
 
 
 # --- measurement ---------------------------------------------------------------------------------
@@ -179,7 +182,13 @@ def _count(model: torch.nn.Module) -> int:
 
 @dataclass
 class Measure:
-    """Model time (seconds, summed) and peak memory (bytes) of one cell."""
+    """Model time (seconds, summed) and peak memory (bytes) of one cell.
+
+    Each cell runs its first batch once untimed through :meth:`first_call` (the warm-up), which
+    on the CPU is also the memory measurement: weights + that batch's inputs + the peak of the
+    tensor storages the call allocates (:func:`kscan.pipelines.memory.peak_tensor_bytes`; the
+    process's resident set would hide a cell's peak behind memory earlier cells left to the
+    allocator). On CUDA the peak is the allocator's over the whole cell (:meth:`memory`)."""
 
     dev: torch.device
     seconds: float = 0.0
@@ -199,14 +208,25 @@ class Measure:
 
     @contextmanager
     def memory(self) -> Iterator[None]:
-        if self.dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.dev)
+        if self.dev.type != "cuda":
             yield
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.dev))
             return
-        with peak_rss() as rss:
-            yield
-        self.peak_bytes = rss.growth_bytes
+        torch.cuda.reset_peak_memory_stats(self.dev)
+        yield
+        self.peak_bytes = int(torch.cuda.max_memory_allocated(self.dev))
+
+    def first_call(
+        self, fn: Callable[..., object], args: tuple[Any, ...], weights: list[torch.Tensor]
+    ) -> None:
+        """Run the cell's first batch, ``fn(*args)``, untimed (see the class docstring)."""
+        if self.dev.type == "cuda":
+            fn(*args)
+            return
+        inputs = [a for a in args if isinstance(a, torch.Tensor)]
+        peak, _ = peak_tensor_bytes(lambda: fn(*args), [*weights, *inputs])
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in weights}
+        held |= {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in inputs}
+        self.peak_bytes = sum(held.values()) + peak
 
     @property
     def method(self) -> str:
@@ -321,9 +341,8 @@ def _image_cell(
                     if meta.has_sensitivity_map
                     else None
                 )
-                if not loaded.warm:
-                    loaded.runner(kspace, m, maps)
-                    loaded.warm = True
+                if start == 0 and path == files[0]:
+                    measure.first_call(loaded.runner, (kspace, m, maps), loaded.weights)
                 with measure.timed():
                     result, seg = loaded.runner(kspace, m, maps)
                 stop = start + len(batch)
@@ -383,9 +402,9 @@ def _segmentation_cell(
                 meta = f.metadata
             stored = _read_arrays(path, [meta.target_key, "segmentation"])
             image = stored[meta.target_key] if inputs is None else inputs[f"volume/{path.name}"]
-            if not loaded.warm:
-                loaded.segmenter.labels(torch.from_numpy(image[:1]))
-                loaded.warm = True
+            if path == files[0]:
+                first = image[: config.batch_size]
+                measure.first_call(segment_volume, (loaded.segmenter, first), loaded.weights)
             with measure.timed():
                 labels = segment_volume(loaded.segmenter, image).labels
             row: dict[str, Any] = {"volume": path.name, "slices": len(image)}
@@ -508,6 +527,7 @@ class Grid:
             "metrics": list(self.config.metrics),
             "device": str(self.dev),
             "batch_size": self.config.batch_size,
+            "memory_method": Measure(self.dev).method,
         }
         key = _digest(value)
         self.keys[(cell.entry.name, *cell.setting)] = key

@@ -8,6 +8,7 @@ import torch
 from kscan.kernels import scan_torch
 from kscan.kernels.scan_torch import selective_scan_torch
 from kscan.pipelines import bench_scan, cli
+from kscan.pipelines.memory import peak_tensor_bytes
 
 TINY = [
     "bench",
@@ -70,11 +71,11 @@ def test_bench_scan_tiny_report(tmp_path, capsys):
 
 def test_peak_memory_meter_counts_what_stays_alive():
     x = list(bench_scan.make_inputs(1, 4, 2, 32).values())
-    assert bench_scan.peak_bytes(lambda: torch.zeros(1000), x) == (4000, 4000)
-    assert bench_scan.peak_bytes(lambda: torch.zeros(1000).sum(), x) == (4004, 4)
+    assert peak_tensor_bytes(lambda: torch.zeros(1000), x) == (4000, 4000)
+    assert peak_tensor_bytes(lambda: torch.zeros(1000).sum(), x) == (4004, 4)
     with torch.no_grad():
-        _, kept = bench_scan.peak_bytes(lambda: selective_scan_torch(*x), x)
+        _, kept = peak_tensor_bytes(lambda: selective_scan_torch(*x), x)
     assert kept == 1 * 4 * 32 * 4  # y
-    _, kept = bench_scan.peak_bytes(lambda: selective_scan_torch(*x), x)
+    _, kept = peak_tensor_bytes(lambda: selective_scan_torch(*x), x)
     # y, and the buffer of the one saved chunk-start state and the final state
     assert kept == 1 * 4 * 32 * 4 + 1 * 4 * 2 * 2 * 4

@@ -129,7 +129,9 @@ def test_normalize_image_is_the_robust_max_formula():
     np.testing.assert_allclose(y.numpy().reshape(6, -1), expected, rtol=1e-12, atol=1e-15)
     assert y[0, 1].eq(0).all() and y[1, 0, 3, 4] == 1.0
     above = (y.reshape(6, -1) > 1).sum(1)
-    assert above[[1, 2]].eq(0).all() and above[[0, 3, 4, 5]].ge(1).all()  # the brightest keep contrast
+    assert (
+        above[[1, 2]].eq(0).all() and above[[0, 3, 4, 5]].ge(1).all()
+    )  # the brightest keep contrast
     z = x.clone()
     z[0, 0, 0, 0] = 1e6  # an outlier saturates at the ceiling
     assert normalize_image(z)[0, 0, 0, 0] == 4.0
