@@ -41,7 +41,8 @@ runs ``dh_t = C_t g_t + a_{t+1} dh_{t+1}`` backwards over the chunk and forms
 recomputed) and ``d initial_state = a_0 dh_0``.
 
 Determinism. Every sum runs in a fixed order that does not depend on the number of threads:
-``dB_t, dC_t`` sum a block's lanes in four interleaved partial sums, combined in a fixed order;
+``dB_t, dC_t`` sum a block's lanes in the order of :func:`_lane_sum`'s compiled vector reduction
+(fixed per machine and build: a CPU with other vector widths may round differently);
 the backward's tasks are ``(batch, group, part)`` with the same number of consecutive channel
 blocks per part, each part adding its blocks in order into its own ``(N, L)`` buffer (part 0 into
 the returned gradient), and the parts are then added in order. The number of parts is the largest
@@ -153,18 +154,23 @@ def _block(j, Dg, block):
 
 
 @numba.njit(inline="always")
-def _step(Hin, Hout, P, X, Y, B, C, bi, g, t, N, w):
-    """``Hout[n] = P[n] Hin[n] + X B_t[n]`` and ``Y = sum_n C_t[n] Hout[n]`` (ascending ``n``)
-    for the ``(N, w)`` flat state; ``X, Y`` rows of ``w`` lanes."""
-    for r in range(w):
-        Y[r] = 0
+def _step(Hin, Hout, P, X, Y, B, C, bi, g, t, N, w, read_out):
+    """``Hout[n] = P[n] Hin[n] + X B_t[n]`` for the ``(N, w)`` flat state, and, if ``read_out``,
+    ``Y = sum_n C_t[n] Hout[n]`` (ascending ``n``); ``X, Y`` rows of ``w`` lanes."""
+    if read_out:
+        for r in range(w):
+            Y[r] = 0
     for n in range(N):
         bt, ct = B[bi, g, n, t], C[bi, g, n, t]
         hi, ho, p = Hin[n * w : (n + 1) * w], Hout[n * w : (n + 1) * w], P[n * w : (n + 1) * w]
-        for r in range(w):
-            h = p[r] * hi[r] + X[r] * bt
-            ho[r] = h
-            Y[r] += ct * h
+        if read_out:
+            for r in range(w):
+                h = p[r] * hi[r] + X[r] * bt
+                ho[r] = h
+                Y[r] += ct * h
+        else:
+            for r in range(w):
+                ho[r] = p[r] * hi[r] + X[r] * bt
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
@@ -220,6 +226,7 @@ def _forward_kernel(
                     t0 + t,
                     N,
                     w,
+                    True,
                 )
             for r in range(w):
                 for t in range(m):
@@ -235,20 +242,16 @@ def _forward_kernel(
                 last[bi, d0 + r, n] = H[n * w + r]
 
 
-@numba.njit(inline="always")
+@numba.njit(fastmath={"reassoc"}, cache=True)
 def _lane_sum(q):
-    """``sum_r q[r]``: four interleaved partial sums, then ``(s0 + s1) + (s2 + s3)`` (a fixed
-    order that keeps four additions in flight)."""
-    w = q.shape[0]
-    s0 = s1 = s2 = s3 = q.dtype.type(0)
-    for r in range(0, w - w % 4, 4):
-        s0 += q[r]
-        s1 += q[r + 1]
-        s2 += q[r + 2]
-        s3 += q[r + 3]
-    for r in range(w - w % 4, w):
-        s0 += q[r]
-    return (s0 + s1) + (s2 + s3)
+    """``sum_r q[r]``, the one sum compiled with reassociation allowed, so that LLVM vectorises
+    it (vector partial sums, then a horizontal reduction); the order is fixed by the compiled
+    code, the same on every call and for any number of threads. Scalar sums (without
+    reassociation LLVM keeps the sequential order) took about a fifth of the backward's time."""
+    s = q.dtype.type(0)
+    for r in range(q.shape[0]):
+        s += q[r]
+    return s
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
@@ -309,7 +312,7 @@ def _backward_kernel(
                 for n in range(N):
                     for r in range(w):
                         Hb[n * w + r] = starts[bi, d0 + r, ch, n]
-                # recompute the chunk's decays and states (and y, for the gate)
+                # recompute the chunk's decays and states (and y when there is a gate)
                 for t in range(m):
                     Pt = Pb[t * nl : (t + 1) * nl]
                     _decays(DT[t * w : (t + 1) * w], AT2, Pt, IB, SC, c, wide, N, w)
@@ -319,7 +322,7 @@ def _backward_kernel(
                         Pt,
                         X[t * w : (t + 1) * w],
                         Yp[t * w : (t + 1) * w],
-                        B, C, bi, g, t0 + t, N, w,
+                        B, C, bi, g, t0 + t, N, w, has_z,
                     )  # fmt: skip
                 # the gate and D: g before the gate, dz, dD
                 for t in range(m):

@@ -303,6 +303,21 @@ def test_numba_backward_is_bitwise_reproducible():
 
 
 @needs_numba
+def test_numba_gradients_do_not_depend_on_the_thread_count():
+    x = make_inputs(2, 160, 4, 70, 2, True, seed=12)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_with_grads(selective_scan_numba, x)[2]
+        torch.set_num_threads(2)
+        two = run_with_grads(selective_scan_numba, x)[2]
+    finally:
+        torch.set_num_threads(threads)
+    for name in x:
+        assert torch.equal(one[name], two[name]), name
+
+
+@needs_numba
 def test_numba_stable_when_decays_underflow():
     """exp(delta A) underflows; the clamped exponent gives 2^-1022 instead of 0."""
     x = make_inputs(1, 4, 4, 300, None, False, dtype=torch.float64, seed=8)
