@@ -9,7 +9,9 @@
 
 The source is read with ``torch.load(weights_only=True)``, which runs no code from the file. The
 output records the source's name and SHA-256 and what the import ignored in its metadata
-(``meta.imported_from``), and is then used with ``kscan reconstruct --checkpoint``.
+(``meta.imported_from``), and is then used with ``kscan reconstruct --checkpoint``. A DIRECT
+model also gets DIRECT's per-sample k-space scaling rule (``meta.kspace_scaling``, percentile
+``--scale-percentile``, 0.99 by default), which ``kscan reconstruct`` applies around it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kscan.errors import ConfigError
 from kscan.models.checkpoints import ImportReport, import_direct, import_fastmri_varnet
 from kscan.models.rvn import RVN, RVNConfig
 from kscan.pipelines.checkpoint import load_state, save_checkpoint
+from kscan.pipelines.kspace_scaling import DIRECT_PERCENTILE, META_KEY, KspaceScaling
 from kscan.pipelines.provenance import sha256_file
 
 FORMATS = {"direct": "rvn", "fastmri-varnet": "varnet"}
@@ -37,6 +40,7 @@ def import_checkpoint(
     source_format: str,
     centered: bool = True,
     num_steps: int | None = None,
+    scale_percentile: float | None = DIRECT_PERCENTILE,
 ) -> tuple[str, nn.Module, ImportReport]:
     """Convert ``src`` (of ``source_format``, a key of :data:`FORMATS`) into the kscan checkpoint ``dst``.
 
@@ -46,6 +50,9 @@ def import_checkpoint(
         source_format: ``"direct"`` or ``"fastmri-varnet"``.
         centered: the FFT convention the network was trained with (a state dict cannot tell).
         num_steps: DIRECT only: the RecurrentVarNet's steps when its blocks share parameters.
+        scale_percentile: DIRECT only: the percentile of DIRECT's per-sample k-space scaling the
+            model was trained with (recorded in the checkpoint and applied by ``kscan
+            reconstruct``: :mod:`kscan.pipelines.kspace_scaling`); None: no scaling.
 
     Returns:
         ``(model name, model, report)``: the registry name written, the kscan model (evaluation
@@ -53,8 +60,10 @@ def import_checkpoint(
     """
     if source_format not in FORMATS:
         raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}, got {source_format!r}")
+    scaling = None
     if source_format == "direct":
         model, report = _from_direct(src, centered, num_steps)
+        scaling = None if scale_percentile is None else KspaceScaling(scale_percentile)
     else:
         if num_steps is not None:
             raise ConfigError(
@@ -71,6 +80,8 @@ def import_checkpoint(
             "ignored_entries": list(report.ignored_entries),
         }
     }
+    if scaling is not None:
+        meta[META_KEY] = scaling.to_meta()
     save_checkpoint(dst, name, model, meta=meta)
     return name, model, report
 
@@ -128,12 +139,41 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="direct: the RecurrentVarNet's steps when its blocks share parameters",
     )
+    parser.add_argument(
+        "--scale-percentile",
+        default=None,
+        help="direct: the k-space scaling percentile the model was trained with (DIRECT's "
+        f"default {DIRECT_PERCENTILE}), applied by kscan reconstruct; 'none' for no scaling",
+    )
     parser.set_defaults(func=_main)
+
+
+def _percentile(text: str | None, source_format: str) -> float | None:
+    """``--scale-percentile`` for ``source_format``: DIRECT's default when not given."""
+    if source_format != "direct":
+        if text is not None:
+            raise ConfigError(f"--scale-percentile: only for --format direct, not {source_format}")
+        return None
+    if text is None:
+        return DIRECT_PERCENTILE
+    if text.lower() == "none":
+        return None
+    try:
+        return KspaceScaling(float(text)).percentile
+    except ValueError:
+        raise ConfigError(
+            f"--scale-percentile: expected a number in (0, 1] or 'none', got {text!r}"
+        ) from None
 
 
 def _main(args: argparse.Namespace) -> None:
     name, model, report = import_checkpoint(
-        args.src, args.dst, args.source_format, args.centered, args.num_steps
+        args.src,
+        args.dst,
+        args.source_format,
+        args.centered,
+        args.num_steps,
+        _percentile(args.scale_percentile, args.source_format),
     )
     count = sum(p.numel() for p in model.parameters())
     ignored = ", ".join(report.ignored_entries) or "nothing"

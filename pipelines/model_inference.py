@@ -17,7 +17,9 @@ the k-space grid like the image.
 A model with the uncentered FFT convention (``model.centered`` False, Calgary-Campinas) gets
 ``ifftshift(y)`` and ``ifftshift(M)`` over (H, W), and its image (and labels) are ``fftshift``-ed
 back, so that the image is in the file's layout: with ``y = fftshift(F ifftshift(x))``,
-``F^-1 ifftshift(y) = ifftshift(x)``. The k-space enters as stored, without scaling. Batches run
+``F^-1 ifftshift(y) = ifftshift(x)``. A checkpoint that records a k-space scaling rule (an
+imported DIRECT model: :mod:`kscan.pipelines.kspace_scaling`) gets ``y / s`` per sample and its
+image multiplied by ``s``; any other gets the k-space as stored. Batches run
 under ``torch.inference_mode`` on the model's device, so no autograd graph is kept: memory is the
 weights plus one batch's activations.
 """
@@ -31,9 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kscan.errors import ConfigError, ShapeError
+from kscan.errors import ConfigError, FileFormatError, ShapeError
 from kscan.models import registry
 from kscan.pipelines.checkpoint import Checkpoint, load_model, shipped_weights
+from kscan.pipelines.kspace_scaling import KspaceScaling
 
 _DIMS = (-2, -1)
 
@@ -47,12 +50,14 @@ class Reconstructor:
         model: the network, in evaluation mode, on its device.
         checkpoint: the checkpoint it was loaded from (path, config, metadata).
         segment: return the labels of a multitask model too.
+        scaling: the checkpoint's k-space scaling rule, or None (k-space as stored).
     """
 
     name: str
     model: nn.Module
     checkpoint: Checkpoint
     segment: bool = False
+    scaling: KspaceScaling | None = None
 
     @property
     def multitask(self) -> bool:
@@ -73,14 +78,20 @@ class Reconstructor:
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             kspace, model_mask = kspace.to(device), model_mask.to(device)
+            scale = None
+            if self.scaling is not None:
+                scale = self.scaling.factors(kspace).reshape(-1, 1, 1)
+                kspace = kspace / scale[..., None]
             if not centered:
                 kspace = torch.fft.ifftshift(kspace, dim=_DIMS)
                 model_mask = torch.fft.ifftshift(model_mask, dim=_DIMS)
             output = self.model(kspace, model_mask)
             if not self.multitask:
                 image = self.model.image(output)
+                image = image if scale is None else image * scale
                 return image if centered else torch.fft.fftshift(image, dim=_DIMS)
             image = output.image_iterates[-1]
+            image = image if scale is None else image * scale
             labels = output.seg_logits[-1].argmax(dim=1)
             if not centered:
                 image, labels = (torch.fft.fftshift(x, dim=_DIMS) for x in (image, labels))
@@ -141,4 +152,8 @@ def load_reconstructor(
             f"--checkpoint: {path} holds a {loaded.model!r} model; expected {method!r} "
             f"for --method {method}"
         )
-    return Reconstructor(method, model, loaded, segment)
+    try:
+        scaling = KspaceScaling.from_meta(loaded.meta)
+    except ConfigError as err:
+        raise FileFormatError(f"{path}: {err}") from None
+    return Reconstructor(method, model, loaded, segment, scaling)

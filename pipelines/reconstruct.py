@@ -440,6 +440,8 @@ class ReconJob:
         learned = load_reconstructor(settings.method, settings.checkpoint, dev, settings.segment)
         checkpoint = learned.checkpoint.path
         parameters |= {"checkpoint": str(checkpoint), "model_config": learned.checkpoint.config}
+        if learned.scaling is not None:
+            parameters["kspace_scaling"] = learned.scaling.to_meta()
         names = None
         if settings.segment:
             names = class_names(learned.checkpoint, learned.model.num_classes)
