@@ -9,10 +9,10 @@ with ``n`` the number of entries of the coils that hold data (coils that are all
 padding, are left out; zeros of unsampled lines count) and ``p`` the percentile (0.99 in DIRECT's
 configs), then multiplies the output back. kscan stores the rule in a checkpoint's metadata
 (``meta.kspace_scaling = {"percentile": p}``: ``kscan import-checkpoint --format direct`` writes
-it) and :class:`kscan.pipelines.model_inference.Reconstructor` applies it, so that an imported
-DIRECT model sees the inputs it was trained on: ``image(y) = s * model(y / s)``, which makes the
-reconstruction scale-equivariant. A checkpoint without the entry (every checkpoint kscan's
-trainer writes) gets its k-space as stored.
+it, and so does ``kscan train`` with ``data.scale_percentile``) and
+:class:`kscan.pipelines.model_inference.Reconstructor` applies it, so that the model sees the
+inputs it was trained on: ``image(y) = s * model(y / s)``, which makes the reconstruction
+scale-equivariant. A checkpoint without the entry gets its k-space as stored.
 """
 
 from __future__ import annotations

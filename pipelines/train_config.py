@@ -35,6 +35,7 @@ from kscan.errors import ConfigError, FileFormatError
 from kscan.models import registry
 from kscan.physics.masks import MASK_KINDS
 from kscan.pipelines.io.fastmri import CHALLENGES
+from kscan.pipelines.kspace_scaling import KspaceScaling
 
 TASKS = ("reconstruction", "segmentation", "multitask")
 """Tasks ``kscan train`` runs (their task classes: ``train.TASKS``)."""
@@ -83,6 +84,11 @@ class DataConfig:
         sample_rate: train on this fraction of the slices (drawn once with ``seed``).
         volume_sample_rate: or on this fraction of the volumes (not both).
         val_volume_sample_rate: validate on this fraction of the validation volumes.
+        scale_percentile: reconstruction and multitask tasks: divide each slice's masked k-space
+            and target by its ``scale_percentile`` k-space modulus, as DIRECT does (0.99 there),
+            so the model learns at one intensity scale whatever the data's; recorded in the
+            checkpoints and applied by ``kscan reconstruct`` (:mod:`kscan.pipelines.kspace_scaling`).
+            ``None``: the k-space as stored.
     """
 
     train: str = ""
@@ -96,8 +102,17 @@ class DataConfig:
     sample_rate: float | None = None
     volume_sample_rate: float | None = None
     val_volume_sample_rate: float | None = None
+    scale_percentile: float | None = None
 
     def __post_init__(self) -> None:
+        if self.scale_percentile is not None:
+            try:
+                KspaceScaling(self.scale_percentile)
+            except ConfigError:
+                raise ConfigError(
+                    f"scale_percentile: expected a number in (0, 1] or null, "
+                    f"got {self.scale_percentile!r}"
+                ) from None
         if not isinstance(self.train, str | os.PathLike) or not str(self.train):
             raise ConfigError("train: expected the folder or file of training volumes, got none")
         if self.challenge not in CHALLENGES:

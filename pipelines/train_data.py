@@ -9,6 +9,9 @@ item into a training sample::
     num_low_frequencies  int                        fully sampled centre columns of the mask
     target               (rH, rW) float32           the file's target, as stored
     max_value            float                      the target volume's max (SSIM data range)
+    kspace_scale         float                      1, or with a scaling rule the slice's factor
+                                                     s, by which masked_kspace, target and
+                                                     max_value are then divided
     fname, slice_num
 
 The mask is drawn with a ``numpy.random.RandomState`` seeded by
@@ -37,6 +40,7 @@ import torch
 from kscan.errors import ConfigError, InvalidDataError
 from kscan.physics.masks import Mask, apply_mask, make_mask, seed_from_name
 from kscan.pipelines.io.slice_dataset import SliceDataset
+from kscan.pipelines.kspace_scaling import KspaceScaling
 
 
 def draw_mask(
@@ -73,6 +77,7 @@ class ReconstructionTransform:
         kinds, accelerations, center_fractions: the mask choices (``DataConfig``).
         seed: the run's seed (training masks only).
         train: training masks (new per epoch) or validation masks (fixed per volume).
+        scaling: the k-space scaling rule, or None.
 
     Set :attr:`epoch` before each epoch; DataLoader workers copy it when they start.
     """
@@ -84,7 +89,9 @@ class ReconstructionTransform:
         center_fractions: Sequence[float],
         seed: int,
         train: bool,
+        scaling: KspaceScaling | None = None,
     ) -> None:
+        self.scaling = scaling
         self.kinds = tuple(kinds)
         self.accelerations = tuple(accelerations)
         self.center_fractions = tuple(center_fractions)
@@ -119,13 +126,16 @@ class ReconstructionTransform:
             (meta["padding_left"], meta["padding_right"]),
         )
         target = item["target"]
-        max_value = meta.get("max", float(target.max()))
+        max_value = float(meta.get("max", float(target.max())))
+        masked = apply_mask(kspace, mask)
+        scale = 1.0 if self.scaling is None else float(self.scaling.factors(masked[None])[0])
         return {
-            "masked_kspace": apply_mask(kspace, mask),
+            "masked_kspace": masked / scale,
             "mask": mask.mask[None],
             "num_low_frequencies": mask.center_lines,
-            "target": target,
-            "max_value": float(max_value),
+            "target": target / scale,
+            "max_value": max_value / scale,
+            "kspace_scale": scale,
             "fname": fname,
             "slice_num": slice_num,
         }

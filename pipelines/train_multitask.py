@@ -57,6 +57,7 @@ from kscan.pipelines.train_reconstruction import (
     RECONSTRUCTION_METRICS,
     ReconstructionTask,
     VolumeSlices,
+    unscaled,
     volume_reconstruction_metrics,
 )
 from kscan.pipelines.train_segmentation import (
@@ -110,7 +111,7 @@ class MultitaskTask(ReconstructionTask):
         return (*RECONSTRUCTION_METRICS, BEST_METRIC, *segmentation_metric_names(self.class_names))
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"class_names": self.class_names}
+        return super().checkpoint_meta() | {"class_names": self.class_names}
 
     def datasets(self) -> tuple[Dataset, Dataset | None]:
         train, val = super().datasets()
@@ -159,9 +160,9 @@ class MultitaskTask(ReconstructionTask):
         for batch in loader:
             with self.autocast():
                 output = model(*self._inputs(batch))
-            target = batch["target"]
+            target = unscaled(batch["target"], batch)
             size = tuple(target.shape[-2:])
-            image = center_crop(output.image_iterates[-1].float(), size).cpu()
+            image = unscaled(center_crop(output.image_iterates[-1].float(), size).cpu(), batch)
             predicted = center_crop(output.seg_logits[-1].float(), size).argmax(dim=1).cpu()
             for name, index, pred, truth, pred_labels, true_labels in zip(
                 batch["fname"],

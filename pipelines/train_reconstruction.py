@@ -14,6 +14,9 @@ itself (optimiser, checkpoints, resume, processes, logs) is the same for every t
   ``best.safetensors``; ``metrics``: the names ``validate`` returns (the log's columns);
 - ``checkpoint_meta()`` -> what the task adds to every checkpoint's metadata (JSON values).
 
+With ``data.scale_percentile`` the model trains on scaled slices (the loss in scaled units, as
+DIRECT's) and validation multiplies images and targets back by each slice's factor first.
+
 Validation follows fastMRI's volume conventions: the slices of each volume are stacked, the
 volume's SSIM is the mean of its slice SSIMs with the data range L = the target volume's max,
 PSNR and NMSE are computed over the whole volume
@@ -32,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kscan.pipelines.io.slice_dataset import SliceDataset
+from kscan.pipelines.kspace_scaling import META_KEY, KspaceScaling
 from kscan.pipelines.losses import ReconstructionLoss
 from kscan.pipelines.metrics import reconstruction_metrics
 from kscan.pipelines.synthetic import center_crop
@@ -62,8 +66,11 @@ class ReconstructionTask:
         self.criterion = ReconstructionLoss(config.loss)
         data = config.data
         masks = (data.mask_kinds, data.accelerations, data.center_fractions, config.seed)
-        self.train_transform = self.transform_class(*masks, train=True)
-        self.val_transform = self.transform_class(*masks, train=False)
+        self.scaling = (
+            None if data.scale_percentile is None else KspaceScaling(data.scale_percentile)
+        )
+        self.train_transform = self.transform_class(*masks, train=True, scaling=self.scaling)
+        self.val_transform = self.transform_class(*masks, train=False, scaling=self.scaling)
 
     def datasets(self) -> tuple[Dataset, Dataset | None]:
         data = self.config.data
@@ -95,7 +102,7 @@ class ReconstructionTask:
         return model
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {}
+        return {} if self.scaling is None else {META_KEY: self.scaling.to_meta()}
 
     def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
         return (
@@ -125,13 +132,20 @@ class ReconstructionTask:
         for batch in loader:
             with self.autocast():
                 kspace = model(*self._inputs(batch))
-            target = batch["target"]
+            target = unscaled(batch["target"], batch)
             images = center_crop(model.image(kspace).float(), tuple(target.shape[-2:])).cpu()
+            images = unscaled(images, batch)
             for name, index, pred, truth in zip(
                 batch["fname"], batch["slice_num"].tolist(), images, target, strict=True
             ):
                 slices[name].append((index, pred, truth))
         return volume_reconstruction_metrics(slices)
+
+
+def unscaled(images: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """``images`` ``(batch, H, W)`` times each slice's ``kspace_scale``: back at the data's
+    intensity scale, so that a volume's slices share one scale for its metrics."""
+    return images * batch["kspace_scale"].to(images.dtype).reshape(-1, 1, 1)
 
 
 def stack_volume(items: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:

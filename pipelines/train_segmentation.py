@@ -286,6 +286,11 @@ class SegmentationTask:
     best_metric = "dice"
 
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        if config.data.scale_percentile is not None:
+            raise ConfigError(
+                "data.scale_percentile: scales k-space, for the reconstruction and multitask "
+                "tasks; segmentation normalises its images itself"
+            )
         self.config = config
         self.device = device
         self.section = config.segmentation

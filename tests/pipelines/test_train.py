@@ -15,6 +15,7 @@ from kscan.models import registry
 from kscan.pipelines import train as train_module
 from kscan.pipelines.checkpoint import load_model, read_checkpoint
 from kscan.pipelines.cli import main
+from kscan.pipelines.model_inference import load_reconstructor
 from kscan.pipelines.train import Trainer, lr_factor, train, train_process
 from kscan.pipelines.train_config import TrainConfig
 
@@ -180,3 +181,18 @@ def test_two_processes_equal_one_with_twice_the_batch(train_volumes, tmp_path, m
     loss_one = float(read_log(tmp_path / "one" / "log.csv")[0]["train_loss"])
     loss_two = float(read_log(tmp_path / "two" / "log.csv")[0]["train_loss"])
     assert loss_two == pytest.approx(loss_one, rel=1e-5)
+
+
+def test_scaled_training_records_the_rule_and_validates_at_the_data_scale(train_volumes, tmp_path):
+    """Trained on k-space scaled per slice: the checkpoint carries the rule and kscan's inference
+    picks it up."""
+    config = tiny_config(
+        train_volumes, tmp_path / "run", data={"scale_percentile": 0.99}, optim={"total_steps": 2}
+    )
+    metrics = train(config, quiet=True)
+    ckpt = read_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert ckpt.meta["kspace_scaling"] == {"percentile": 0.99}
+    assert load_reconstructor("rvn", tmp_path / "run" / "last.safetensors").scaling is not None
+    assert 0 < metrics["last"]["val_ssim"] <= 1
+    with pytest.raises(ConfigError, match="scale_percentile"):
+        tiny_config(train_volumes, tmp_path / "x", data={"scale_percentile": 1.5})

@@ -8,6 +8,7 @@ from kscan.errors import ConfigError, InvalidDataError
 from kscan.physics.masks import make_mask, seed_from_name
 from kscan.pipelines.io.fastmri import write_fastmri
 from kscan.pipelines.io.slice_dataset import SliceDataset
+from kscan.pipelines.kspace_scaling import KspaceScaling
 from kscan.pipelines.synthetic import simulate_volume
 from kscan.pipelines.train_data import ReconstructionTransform, check_batchable, draw_mask
 from kscan.pipelines.undersample import undersample_file, volume_mask
@@ -126,3 +127,15 @@ def test_mixed_sizes_need_batch_size_one(tmp_path):
         ConfigError, match="data.batch_size: 2 needs volumes of one size.*80x64.*96x64"
     ):
         check_batchable(data, 2, "data.train")
+
+
+def test_scaled_samples_divide_kspace_target_and_range_by_the_factor(train_volumes):
+    item = SliceDataset(train_volumes)[1]
+    plain = transform(train=True)(dict(item))
+    scaling = KspaceScaling(0.99)
+    scaled = ReconstructionTransform(("random",), (4.0,), (0.08,), 7, True, scaling)(dict(item))
+    s = scaling.factors(plain["masked_kspace"][None])[0].item()
+    assert plain["kspace_scale"] == 1.0 and scaled["kspace_scale"] == pytest.approx(s)
+    torch.testing.assert_close(scaled["masked_kspace"] * s, plain["masked_kspace"])
+    torch.testing.assert_close(scaled["target"] * s, plain["target"])
+    assert scaled["max_value"] * s == pytest.approx(plain["max_value"])
