@@ -51,8 +51,10 @@ output NIfTI lies on the input's grid with the input's affine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import math
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -316,6 +318,7 @@ def simulate_dataset(
     formats: Sequence[str] = FORMATS,
     sensitivity_maps: bool = False,
     quiet: bool = False,
+    intensity_scale: float = 1.0,
 ) -> list[Path]:
     """Simulate ``volumes`` labelled multi-coil phantom volumes into ``out_dir`` (module docstring).
 
@@ -323,12 +326,20 @@ def simulate_dataset(
     seed ``default_rng([seed, i])``; k-space is ``(slices, coils, *shape_kspace)``, target and
     labels ``(slices, *recon_size)``. ``formats`` picks among :data:`FORMATS`;
     ``sensitivity_maps`` also stores the coil maps in the HDF5 files (as large as the k-space).
+    ``intensity_scale`` multiplies k-space, noise and targets (the same volumes at another
+    scale: real fastMRI k-space is about 1e-4 of these phantoms').
     Complete cases of an earlier run with the same parameters are skipped.
 
     Returns the paths written by this call (files and DICOM series folders; the manifest last),
     empty when everything existed.
     """
     chosen = _check_common(volumes, seed, formats, FORMATS)
+    if isinstance(intensity_scale, bool) or not (
+        isinstance(intensity_scale, int | float) and 0 < intensity_scale < math.inf
+    ):
+        raise ConfigError(
+            f"intensity_scale: expected a positive finite number, got {intensity_scale!r}"
+        )
     shape_kspace, recon_size = tuple(shape_kspace), tuple(recon_size)
     parameters = {
         "mode": "phantom",
@@ -341,10 +352,21 @@ def simulate_dataset(
         "dims": dims,
         "sensitivity_maps": sensitivity_maps,
         "voxel_size_mm": VOXEL_SIZE_MM,
+        "intensity_scale": intensity_scale,
     }
 
     def simulate(rng: np.random.Generator) -> SimulatedVolume:
-        return simulate_volume(shape_kspace, recon_size, slices, coils, snr_db, rng, dims)
+        volume = simulate_volume(shape_kspace, recon_size, slices, coils, snr_db, rng, dims)
+        if intensity_scale == 1:
+            return volume
+        c = np.float32(intensity_scale)
+        return dataclasses.replace(
+            volume,
+            kspace=volume.kspace * c,
+            target=volume.target * c,
+            image=volume.image * c,
+            noise_std=volume.noise_std * intensity_scale,
+        )
 
     plan = _Plan(
         out_dir=Path(out_dir),
@@ -527,6 +549,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also store the coil maps in the HDF5 files (large)",
     )
+    parser.add_argument(
+        "--intensity-scale",
+        type=float,
+        default=1.0,
+        help="multiply k-space and targets by this (phantoms only; default 1)",
+    )
     add_seed(parser, help="seed; volume i uses the seed sequence (seed, i)")
     add_quiet(parser)
     parser.set_defaults(func=_main)
@@ -550,9 +578,12 @@ def _main(args: argparse.Namespace) -> None:
             shape_kspace=args.kspace_size or (640, 368),
             recon_size=args.recon_size or (320, 320),
             dims=3 if args.dims is None else args.dims,
+            intensity_scale=args.intensity_scale,
             **common,
         )
     else:
+        if args.intensity_scale != 1:
+            raise ConfigError("--intensity-scale: for phantoms, not with --from-image")
         for flag, value in (("--recon-size", args.recon_size), ("--dims", args.dims)):
             if value is not None:
                 raise ConfigError(f"{flag}: not used with --from-image (the image sets it)")

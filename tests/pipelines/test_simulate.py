@@ -276,3 +276,18 @@ def test_image_errors_name_the_file(tmp_path):
     with pytest.raises(KscanError, match="zeros.nii: volume: every value is <= 0"):
         simulate.simulate_from_image(tmp_path / "out", flat, coils=4, quiet=True)
     assert os.listdir(tmp_path) == ["zeros.nii"]
+
+
+def test_intensity_scale_gives_the_same_volume_scaled(dataset, tmp_path):
+    out = simulate.simulate_dataset(
+        tmp_path / "dim", volumes=1, formats=["h5"], intensity_scale=1e-4, **SMALL_KW
+    )[0]
+    stored = dataset / "h5" / "sim_000.h5"
+    np.testing.assert_allclose(_kspace(out), 1e-4 * _kspace(stored), rtol=1e-5, atol=1e-12)
+    with h5py.File(out, "r") as f, h5py.File(stored, "r") as g:
+        target, expected = f["reconstruction_rss"][()], g["reconstruction_rss"][()]
+        np.testing.assert_allclose(target, 1e-4 * expected, rtol=1e-5, atol=1e-12)
+        assert f.attrs["max"] == pytest.approx(1e-4 * g.attrs["max"])
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(KscanError, match="intensity_scale"):
+            simulate.simulate_dataset(tmp_path / "x", volumes=1, intensity_scale=bad, **SMALL_KW)
