@@ -40,7 +40,7 @@ from kscan.config import from_mapping
 from kscan.errors import ConfigError
 from kscan.models import registry
 from kscan.physics.masks import MASK_KINDS
-from kscan.pipelines.checkpoint import shipped_weights
+from kscan.pipelines.checkpoint import SHIPPED, resolve_checkpoint
 from kscan.pipelines.reconstruct import METHODS, ReconSettings
 
 KINDS = ("classical", "reconstruction", "segmentation", "multitask")
@@ -50,8 +50,6 @@ CLASSICAL_PARAMS = ("maps", "regularizer", "lam", "max_iter")
 RECONSTRUCTION_METRICS = ("ssim", "psnr", "nmse")
 SEGMENTATION_METRICS = ("dice", "iou", "hd95")
 METRICS = (*RECONSTRUCTION_METRICS, *SEGMENTATION_METRICS)
-SHIPPED = "shipped"
-"""``checkpoint: shipped``: the weights shipped with kscan for the entry's model."""
 TARGET = "target"
 """``on: target``: a segmentation entry segments the fully sampled target images."""
 
@@ -142,7 +140,8 @@ class ModelEntry:
             self.checkpoint = SHIPPED
         if not isinstance(self.checkpoint, str) or not self.checkpoint:
             raise ConfigError(
-                f"checkpoint: expected a file path or {SHIPPED!r}, got {self.checkpoint!r}"
+                f"checkpoint: expected a file path, {SHIPPED!r} or '{SHIPPED}:<name>', "
+                f"got {self.checkpoint!r}"
             )
         if (self.kind == "segmentation") != (self.on is not None):
             raise ConfigError(
@@ -155,10 +154,9 @@ class ModelEntry:
         return ReconSettings(method=self.method, batch_size=batch_size, **self.params, **mask)
 
     def checkpoint_path(self) -> Path:
-        """The checkpoint file (``shipped``: kscan's weights for the model; ConfigError if none)."""
-        if self.checkpoint == SHIPPED:
-            return shipped_weights(self.model)
-        return Path(self.checkpoint)
+        """The checkpoint file (``shipped``, ``shipped:<name>``: kscan's weights,
+        :func:`kscan.pipelines.checkpoint.resolve_checkpoint`; ConfigError if none)."""
+        return resolve_checkpoint(self.checkpoint, self.model)
 
     @property
     def makes_images(self) -> bool:

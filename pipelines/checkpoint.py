@@ -11,7 +11,9 @@ A kscan checkpoint is one ``.safetensors`` file. Its tensors are the model's sta
 
 Loading never runs code from the file (safetensors holds tensors and strings only), and a file
 whose tensors do not fit the configured model fails with the missing and unexpected keys named.
-Writes are atomic. Shipped weights live in ``kscan/pipelines/weights/<model>.safetensors``.
+Writes are atomic. Shipped weights live in ``kscan/pipelines/weights/<name>.safetensors``: a
+``--checkpoint`` of ``shipped`` means the file named after the model, ``shipped:<name>`` any of
+them (:func:`resolve_checkpoint`).
 """
 
 from __future__ import annotations
@@ -173,14 +175,40 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: PathLi
     model.load_state_dict(state)
 
 
+SHIPPED = "shipped"
+
+
 def shipped_weights(model_name: str) -> Path:
     """The weights shipped with kscan for ``model_name``; ConfigError when there are none."""
     registry.spec(model_name)
     path = WEIGHTS_DIR / f"{model_name}.safetensors"
     if not path.is_file():
-        shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))
         raise ConfigError(
             f"--checkpoint: no weights are shipped for model {model_name!r} (shipped: "
-            f"{', '.join(shipped) or 'none'}); give a checkpoint file"
+            f"{_shipped_names()}); give a checkpoint file"
         )
     return path
+
+
+def _shipped_names() -> str:
+    return ", ".join(sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))) or "none"
+
+
+def resolve_checkpoint(reference: PathLike | None, model_name: str | None) -> Path:
+    """The file a ``--checkpoint`` value names: None or ``shipped``: the weights shipped for
+    ``model_name``; ``shipped:<name>``: the shipped file ``<name>.safetensors`` (any of them,
+    e.g. ``shipped:rvn-scaled``, wherever kscan is installed); anything else: a path."""
+    if reference is None or str(reference) == SHIPPED:
+        if model_name is None:
+            raise ConfigError("--checkpoint: 'shipped' needs the model's name")
+        return shipped_weights(model_name)
+    text = str(reference)
+    if text.startswith(f"{SHIPPED}:"):
+        name = text[len(SHIPPED) + 1 :]
+        path = WEIGHTS_DIR / f"{name}.safetensors"
+        if not name or Path(name).name != name or not path.is_file():
+            raise ConfigError(
+                f"--checkpoint: {text!r}: no such shipped file (shipped: {_shipped_names()})"
+            )
+        return path
+    return Path(reference)

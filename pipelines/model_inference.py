@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from kscan.errors import ConfigError, FileFormatError, ShapeError
 from kscan.models import registry
-from kscan.pipelines.checkpoint import Checkpoint, load_model, shipped_weights
+from kscan.pipelines.checkpoint import Checkpoint, load_model, resolve_checkpoint
 from kscan.pipelines.kspace_scaling import KspaceScaling
 
 _DIMS = (-2, -1)
@@ -128,8 +127,9 @@ def load_reconstructor(
     device: torch.device | str = "cpu",
     segment: bool = False,
 ) -> Reconstructor:
-    """The reconstruction or multitask model ``method`` from ``checkpoint`` (None: the shipped
-    weights); ``segment``: it returns labels too (multitask models only).
+    """The reconstruction or multitask model ``method`` from ``checkpoint`` (a path, or None,
+    ``shipped`` or ``shipped:<name>``: :func:`kscan.pipelines.checkpoint.resolve_checkpoint`);
+    ``segment``: it returns labels too (multitask models only).
 
     Raises:
         ConfigError: no weights are shipped for ``method`` and no checkpoint is given, the
@@ -145,7 +145,7 @@ def load_reconstructor(
             f"--segment: {method!r} is a {task} model; segmenting needs a multitask model "
             f"({', '.join(registry.names('multitask'))})"
         )
-    path = shipped_weights(method) if checkpoint is None else Path(checkpoint)
+    path = resolve_checkpoint(checkpoint, method)
     model, loaded = load_model(path, device, task=task if task == "multitask" else "reconstruction")
     if loaded.model != method:
         raise ConfigError(

@@ -358,8 +358,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--checkpoint",
         default=None,
-        help="kscan .safetensors checkpoint of the learned --method (default: shipped weights); "
-        "convert DIRECT/fastMRI files with 'kscan import-checkpoint'",
+        help="kscan .safetensors checkpoint of the learned --method, or shipped:<name> for a "
+        "file shipped with kscan (default: the weights shipped for --method); convert "
+        "DIRECT/fastMRI files with 'kscan import-checkpoint'",
     )
     parser.add_argument(
         "--maps",

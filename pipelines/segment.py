@@ -57,7 +57,7 @@ from kscan.models import registry
 from kscan.pipelines.anatomy import TISSUE_CLASSES
 from kscan.pipelines.atomic import atomic_path
 from kscan.pipelines.batch_paths import volume_stem
-from kscan.pipelines.checkpoint import Checkpoint, load_model, shipped_weights
+from kscan.pipelines.checkpoint import Checkpoint, load_model, resolve_checkpoint
 from kscan.pipelines.cli_args import add_device, add_quiet, int_pair
 from kscan.pipelines.io.dicom_seg import write_segmentation
 from kscan.pipelines.io.nifti import volume_to_nifti_array, write_nifti
@@ -276,13 +276,12 @@ def load_segmenter(
         FileFormatError: not a kscan checkpoint, or its weights do not fit its config (the keys
             that differ are named).
     """
-    if checkpoint is None:
-        if model_name is None:
-            raise ConfigError(
-                f"--model: needed without --checkpoint; expected one of "
-                f"{', '.join(registry.names('segmentation'))}"
-            )
-        checkpoint = shipped_weights(model_name)
+    if checkpoint is None and model_name is None:
+        raise ConfigError(
+            f"--model: needed without --checkpoint; expected one of "
+            f"{', '.join(registry.names('segmentation'))}"
+        )
+    checkpoint = resolve_checkpoint(checkpoint, model_name)
     model, ckpt = load_model(checkpoint, dev, task="segmentation")
     if model_name is not None and ckpt.model != model_name:
         raise ConfigError(
@@ -503,7 +502,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--checkpoint",
         default=None,
-        help="kscan .safetensors checkpoint (default: shipped weights)",
+        help="kscan .safetensors checkpoint, or shipped:<name> for a file shipped with kscan "
+        "(default: the weights shipped for --model)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=4, help="slices (or windows) per forward pass (default 4)"

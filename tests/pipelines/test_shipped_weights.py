@@ -3,6 +3,7 @@ names, has a model card, and stays within the 20 MB a shipped file may take."""
 
 import pytest
 
+from kscan.errors import ConfigError
 from kscan.pipelines import checkpoint
 
 SHIPPED = sorted(checkpoint.WEIGHTS_DIR.glob("*.safetensors"))
@@ -24,3 +25,19 @@ def test_shipped_weights_load_and_have_a_model_card(path):
     assert card.startswith(f"# Model card: `{path.name}`")
     assert f"{n_params:,}" in card, f"{path.name}: the card does not give {n_params:,} parameters"
     assert ckpt.model in card
+
+
+def test_checkpoint_references():
+    weights = checkpoint.WEIGHTS_DIR
+    assert checkpoint.resolve_checkpoint(None, "rvn") == weights / "rvn.safetensors"
+    assert checkpoint.resolve_checkpoint("shipped", "vmunet") == weights / "vmunet.safetensors"
+    assert (
+        checkpoint.resolve_checkpoint("shipped:rvn-scaled", "rvn")
+        == weights / "rvn-scaled.safetensors"
+    )
+    assert checkpoint.resolve_checkpoint("runs/x.safetensors", "rvn").name == "x.safetensors"
+    for bad in ("shipped:nope", "shipped:", "shipped:../weights/rvn"):
+        with pytest.raises(ConfigError, match="no such shipped file.*rvn-scaled"):
+            checkpoint.resolve_checkpoint(bad, "rvn")
+    with pytest.raises(ConfigError, match="no weights are shipped for model 'joint-rvn-seg'"):
+        checkpoint.resolve_checkpoint("shipped", "joint-rvn-seg")
