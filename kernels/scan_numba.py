@@ -156,23 +156,18 @@ def _block(j, Dg, block):
 
 
 @numba.njit(inline="always")
-def _step(Hin, Hout, P, X, Y, B, C, bi, g, t, N, w, read_out):
-    """``Hout[n] = P[n] Hin[n] + X B_t[n]`` for the ``(N, w)`` flat state, and, if ``read_out``,
-    ``Y = sum_n C_t[n] Hout[n]`` (ascending ``n``); ``X, Y`` rows of ``w`` lanes."""
-    if read_out:
-        for r in range(w):
-            Y[r] = 0
+def _step(Hin, Hout, P, X, Y, B, C, bi, g, t, N, w):
+    """``Hout[n] = P[n] Hin[n] + X B_t[n]`` and ``Y = sum_n C_t[n] Hout[n]`` (ascending ``n``)
+    for the ``(N, w)`` flat state; ``X, Y`` rows of ``w`` lanes."""
+    for r in range(w):
+        Y[r] = 0
     for n in range(N):
         bt, ct = B[bi, g, n, t], C[bi, g, n, t]
         hi, ho, p = Hin[n * w : (n + 1) * w], Hout[n * w : (n + 1) * w], P[n * w : (n + 1) * w]
-        if read_out:
-            for r in range(w):
-                h = p[r] * hi[r] + X[r] * bt
-                ho[r] = h
-                Y[r] += ct * h
-        else:
-            for r in range(w):
-                ho[r] = p[r] * hi[r] + X[r] * bt
+        for r in range(w):
+            h = p[r] * hi[r] + X[r] * bt
+            ho[r] = h
+            Y[r] += ct * h
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
@@ -228,7 +223,6 @@ def _forward_kernel(
                     t0 + t,
                     N,
                     w,
-                    True,
                 )
             for r in range(w):
                 for t in range(m):
@@ -314,7 +308,7 @@ def _backward_kernel(
                 for n in range(N):
                     for r in range(w):
                         Hb[n * w + r] = starts[bi, d0 + r, ch, n]
-                # recompute the chunk's decays and states (and y when there is a gate)
+                # recompute the chunk's decays and states (and y, for the gate)
                 for t in range(m):
                     Pt = Pb[t * nl : (t + 1) * nl]
                     _decays(DT[t * w : (t + 1) * w], AT2, Pt, IB, SC, c, wide, N, w)
@@ -324,7 +318,7 @@ def _backward_kernel(
                         Pt,
                         X[t * w : (t + 1) * w],
                         Yp[t * w : (t + 1) * w],
-                        B, C, bi, g, t0 + t, N, w, has_z,
+                        B, C, bi, g, t0 + t, N, w,
                     )  # fmt: skip
                 # the gate and D: g before the gate, dz, dD
                 for t in range(m):

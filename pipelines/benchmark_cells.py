@@ -222,11 +222,10 @@ class Measure:
         if self.dev.type == "cuda":
             fn(*args)
             return
-        inputs = [a for a in args if isinstance(a, torch.Tensor)]
-        peak, _ = peak_tensor_bytes(lambda: fn(*args), [*weights, *inputs])
-        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in weights}
-        held |= {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in inputs}
-        self.peak_bytes = sum(held.values()) + peak
+        held = [*weights, *(a for a in args if isinstance(a, torch.Tensor))]
+        peak, _ = peak_tensor_bytes(lambda: fn(*args), held)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+        self.peak_bytes = sum(storages.values()) + peak
 
     @property
     def method(self) -> str:

@@ -85,15 +85,15 @@ class Reconstructor:
                 kspace = torch.fft.ifftshift(kspace, dim=_DIMS)
                 model_mask = torch.fft.ifftshift(model_mask, dim=_DIMS)
             output = self.model(kspace, model_mask)
-            if not self.multitask:
-                image = self.model.image(output)
-                image = image if scale is None else image * scale
-                return image if centered else torch.fft.fftshift(image, dim=_DIMS)
-            image = output.image_iterates[-1]
-            image = image if scale is None else image * scale
-            labels = output.seg_logits[-1].argmax(dim=1)
+            if self.multitask:
+                image, labels = output.image_iterates[-1], output.seg_logits[-1].argmax(dim=1)
+            else:
+                image, labels = self.model.image(output), None
+            if scale is not None:
+                image = image * scale
             if not centered:
-                image, labels = (torch.fft.fftshift(x, dim=_DIMS) for x in (image, labels))
+                image = torch.fft.fftshift(image, dim=_DIMS)
+                labels = None if labels is None else torch.fft.fftshift(labels, dim=_DIMS)
             return (image, labels) if self.segment else image
 
 
