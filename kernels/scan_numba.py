@@ -162,20 +162,32 @@ def _load_steps(delta, u, bias, softplus, bi, d0, w, t0, m, DT, X, U, SP):
 
 
 @numba.njit(inline="always")
+def _load_bc(B, C, bi, g, t0, m, N, BT, CT):
+    """Tiles ``(m, N)`` (flat, row ``t``) of ``B_t`` and ``C_t`` for the steps ``t0 .. t0+m-1``,
+    read along ``t`` (the ``N`` rows of ``B, C`` lie ``4 L`` bytes apart: read across ``n`` at
+    every step, as before, they shared one L1 cache set with each other and with ``dB, dC``)."""
+    for n in range(N):
+        for t in range(m):
+            BT[t * N + n] = B[bi, g, n, t0 + t]
+            CT[t * N + n] = C[bi, g, n, t0 + t]
+
+
+@numba.njit(inline="always")
 def _block(j, Dg, block):
     """First channel (within the group) and width of the group's ``j``-th channel block."""
     return j * block, min(block, Dg - j * block)
 
 
 @numba.njit(inline="always")
-def _step(Hin, Hout, P, X, Y, B, C, bi, g, t, N, w, read_out):
+def _step(Hin, Hout, P, X, Y, Bt, Ct, N, w, read_out):
     """``Hout[n] = P[n] Hin[n] + X B_t[n]`` for the ``(N, w)`` flat state and, if ``read_out``,
-    ``Y = sum_n C_t[n] Hout[n]`` (ascending ``n``); ``X, Y`` rows of ``w`` lanes."""
+    ``Y = sum_n C_t[n] Hout[n]`` (ascending ``n``); ``X, Y`` rows of ``w`` lanes, ``Bt, Ct``
+    rows of ``N``."""
     if read_out:
         for r in range(w):
             Y[r] = 0
     for n in range(N):
-        bt, ct = B[bi, g, n, t], C[bi, g, n, t]
+        bt, ct = Bt[n], Ct[n]
         hi, ho, p = Hin[n * w : (n + 1) * w], Hout[n * w : (n + 1) * w], P[n * w : (n + 1) * w]
         if read_out:
             for r in range(w):
@@ -214,6 +226,8 @@ def _forward_kernel(
         U = np.empty(CHUNK * w, u.dtype)
         SP = np.empty(CHUNK * w, u.dtype)
         Y = np.empty(CHUNK * w, u.dtype)
+        BT = np.empty(CHUNK * N, u.dtype)
+        CT = np.empty(CHUNK * N, u.dtype)
         for r in range(w):
             for n in range(N):
                 AT[n * w + r] = A2[d0 + r, n]
@@ -227,6 +241,7 @@ def _forward_kernel(
                     for n in range(N):
                         starts[bi, d0 + r, ch, n] = H[n * w + r]
             task_total += _load_steps(delta, u, bias, softplus, bi, d0, w, t0, m, DT, X, U, SP)
+            _load_bc(B, C, bi, g, t0, m, N, BT, CT)
             for t in range(m):
                 _decays(DT[t * w : (t + 1) * w], AT, P, IB, SC, c, wide, N, w)
                 _step(
@@ -235,11 +250,8 @@ def _forward_kernel(
                     P,
                     X[t * w : (t + 1) * w],
                     Y[t * w : (t + 1) * w],
-                    B,
-                    C,
-                    bi,
-                    g,
-                    t0 + t,
+                    BT[t * N : (t + 1) * N],
+                    CT[t * N : (t + 1) * N],
                     N,
                     w,
                     True,
@@ -319,6 +331,10 @@ def _backward_kernel(
             Sa = np.empty(w, u.dtype)
             dD_acc = np.zeros(w, u.dtype)
             db_acc = np.zeros(w, u.dtype)
+            BT = np.empty(CHUNK * N, u.dtype)
+            CT = np.empty(CHUNK * N, u.dtype)
+            DBT = np.empty(CHUNK * N, u.dtype)
+            DCT = np.empty(CHUNK * N, u.dtype)
             for r in range(w):
                 for n in range(N):
                     AT[n * w + r] = A[d0 + r, n]
@@ -329,6 +345,7 @@ def _backward_kernel(
                 t0 = ch * CHUNK
                 m = min(CHUNK, L - t0)
                 task_total += _load_steps(delta, u, bias, softplus, bi, d0, w, t0, m, DT, X, U, SP)
+                _load_bc(B, C, bi, g, t0, m, N, BT, CT)
                 for r in range(w):
                     for n in range(N):
                         Hb[n * w + r] = starts[bi, d0 + r, ch, n]
@@ -342,10 +359,12 @@ def _backward_kernel(
                         Pt,
                         X[t * w : (t + 1) * w],
                         Yp[t * w : (t + 1) * w],
-                        B, C, bi, g, t0 + t, N, w, has_z,
+                        BT[t * N : (t + 1) * N], CT[t * N : (t + 1) * N], N, w, has_z,
                     )  # fmt: skip
-                # the gate and D: g before the gate, dz, dD
+                # the gate and D: g before the gate, dz, dD (summed in a register: a sum kept in
+                # the array would be stored and reloaded at every step)
                 for r in range(w):
+                    acc = dD_acc[r]
                     for t in range(m):
                         i = t * w + r
                         gv = gy[bi, d0 + r, t0 + t]
@@ -358,7 +377,8 @@ def _backward_kernel(
                             dz[bi, d0 + r, t0 + t] = gv * yv * sg * (1.0 + zv * (1.0 - sg))
                             gv = gv * zv * sg
                         Gt[i] = gv
-                        dD_acc[r] += gv * U[i]
+                        acc += gv * U[i]
+                    dD_acc[r] = acc
                 # the reverse scan
                 for t in range(m - 1, -1, -1):
                     gt, dtt, xt = (
@@ -370,7 +390,7 @@ def _backward_kernel(
                         S[r] = 0
                         Sa[r] = 0
                     for n in range(N):
-                        bt, ct = B[bi, g, n, t0 + t], C[bi, g, n, t0 + t]
+                        bt, ct = BT[t * N + n], CT[t * N + n]
                         k0, k1 = t * nl + n * w, t * nl + (n + 1) * w
                         a, hp, hn = Pb[k0:k1], Hb[k0:k1], Hb[k0 + nl : k1 + nl]
                         at, cr, da = (
@@ -394,8 +414,8 @@ def _backward_kernel(
                             qc[r] = gt[r] * hn[r]
                             cr[r] *= a[r]
                     for n in range(N):
-                        dBp[n, t0 + t] += _lane_sum(QB[n * w : (n + 1) * w])
-                        dCp[n, t0 + t] += _lane_sum(QC[n * w : (n + 1) * w])
+                        DBT[t * N + n] = _lane_sum(QB[n * w : (n + 1) * w])
+                        DCT[t * N + n] = _lane_sum(QC[n * w : (n + 1) * w])
                     for r in range(w):
                         i = t * w + r
                         v = DT[i] * S[r]
@@ -404,10 +424,16 @@ def _backward_kernel(
                         DU[i] = v
                         DDT[i] = (Sa[r] + U[i] * S[r]) * SP[i]
                 for r in range(w):
+                    acc = db_acc[r]
                     for t in range(m):
                         du[bi, d0 + r, t0 + t] = DU[t * w + r]
                         ddelta[bi, d0 + r, t0 + t] = DDT[t * w + r]
-                        db_acc[r] += DDT[t * w + r]
+                        acc += DDT[t * w + r]
+                    db_acc[r] = acc
+                for n in range(N):  # this block's dB_t, dC_t into the part's sums, along t
+                    for t in range(m):
+                        dBp[n, t0 + t] += DBT[t * N + n]
+                        dCp[n, t0 + t] += DCT[t * N + n]
             for r in range(w):
                 dD[bi, d0 + r] = dD_acc[r]
                 dbias[bi, d0 + r] = db_acc[r]
@@ -455,8 +481,10 @@ def scratch_bytes(n_state: int, dtype: torch.dtype) -> tuple[int, int]:
     """Bytes of the local buffers one thread's task allocates inside the forward and the backward
     kernel (numpy allocations, not seen by torch's allocator)."""
     size = 8 if dtype == torch.float64 else 4
-    nl, tile = n_state * BLOCK, CHUNK * BLOCK
-    return (4 * nl + 5 * tile) * size, ((2 * CHUNK + 8) * nl + 8 * tile + 4 * BLOCK) * size
+    nl, tile, bc = n_state * BLOCK, CHUNK * BLOCK, CHUNK * n_state
+    forward = 4 * nl + 5 * tile + 2 * bc
+    backward = (2 * CHUNK + 8) * nl + 8 * tile + 4 * BLOCK + 4 * bc
+    return forward * size, backward * size
 
 
 def _np(x: torch.Tensor | None, dtype: torch.dtype, ndim: int) -> np.ndarray:

@@ -15,10 +15,17 @@ Candidates, on the same float32 inputs (``u, delta (batch, D, L)``, ``A (D, N)``
   ``exp(delta A)`` and ``delta B u`` as ``(batch, L, D, N)`` tensors, the scan, then ``h @ C``.
   Its inputs are given in its own ``(batch, L, D)`` layout, prepared outside the timing.
 
-Rows: forward (under ``torch.no_grad``) and forward+backward at batch 2, D 64, N 16, L 4096;
-the forward at the VM-UNet stage-1 inference shape (batch 1, 4 directions x 192 channels = D 768,
-L 4096, N 16). Speed-ups are those of the default CPU backend. Targets: forward >= 10x faster
-than ``reference``, forward+backward >= 50x, faster than ``mambapy`` in both; extra memory of
+Rows: forward (under ``torch.no_grad``) and forward+backward (``.backward`` of a given upstream
+gradient of ones, made outside the timing) at batch 2, D 64, N 16, L 4096; the forward at the
+VM-UNet stage-1 inference shape (batch 1, 4 directions x 192 channels = D 768, L 4096, N 16).
+Candidates are timed in interleaved rounds with a pause of ``PAUSE_S`` after every call: torch's
+OpenMP workers keep spinning for a while after each parallel operation (libgomp's default), and
+without the pause they would still hold a CPU when the next candidate starts. One more
+forward+backward row is timed without the pauses, the numba kernels then sharing the CPUs with
+workers left spinning by the candidate before, as inside a model whose torch layers run just
+before the scan (no target). Speed-ups are those of the default CPU backend. Targets: forward
+>= 10x faster than ``reference``, forward+backward >= 50x, faster than ``mambapy`` in both; extra
+memory of
 each kscan backend <= 1/8 of the ``(batch, D, L, N)`` float32 state tensor, measured by tracking
 every storage that torch allocates during the call (a ``TorchDispatchMode``): the peak of the
 inference forward beyond ``y``, what a forward keeps for the backward beyond ``y``, and the peak of
@@ -44,6 +51,10 @@ from kscan.pipelines.memory import peak_tensor_bytes
 from kscan.pipelines.timing import compare_times
 
 Inputs = dict[str, torch.Tensor]
+
+PAUSE_S = 0.03
+"""Untimed sleep after every timed call: three times the ~10 ms that torch's idle OpenMP workers
+were seen spinning after a parallel operation on the 2-CPU benchmark machine."""
 
 
 def make_inputs(batch: int, channels: int, n: int, length: int, seed: int = 0) -> Inputs:
@@ -89,9 +100,12 @@ def _forward_only(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
 
 
 def _with_backward(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """``fn``'s forward and ``.backward`` of an upstream gradient of ones made here, untimed."""
+    with torch.no_grad():
+        grad = torch.ones_like(fn())
+
     def run() -> None:
-        y = fn()
-        y.backward(torch.ones_like(y))
+        fn().backward(grad)
 
     return run
 
@@ -145,14 +159,20 @@ def bench_speed(
     x = make_inputs(batch, channels, n, length)
     fns = candidates(x)
     shape = f"batch {batch}, D {channels}, N {n}, L {length}"
-    fwd = compare_times({k: _forward_only(f) for k, f in fns.items()}, repeats=repeats, warmup=1)
+    forward = {k: _forward_only(f) for k, f in fns.items()}
+    fwd = compare_times(forward, repeats=repeats, warmup=1, pause_s=PAUSE_S)
     train = {k: _with_backward(f) for k, f in fns.items()}
-    reference = train.pop("reference")
-    fwd_bwd = compare_times(train, repeats=repeats, warmup=1)
-    fwd_bwd.update(compare_times({"reference": reference}, repeats=reference_repeats, warmup=0))
+    reference = {"reference": train.pop("reference")}
+    fwd_bwd, busy = (
+        compare_times(train, repeats=repeats, warmup=1, pause_s=pause)
+        | compare_times(reference, repeats=reference_repeats, warmup=0, pause_s=pause)
+        for pause in (PAUSE_S, 0.0)
+    )
+    targets = {"reference": 50.0, "mambapy": 1.0}
     return [
         _speed_row(f"forward ({shape})", fwd, {"reference": 10.0, "mambapy": 1.0}),
-        _speed_row(f"forward+backward ({shape})", fwd_bwd, {"reference": 50.0, "mambapy": 1.0}),
+        _speed_row(f"forward+backward ({shape})", fwd_bwd, targets),
+        _speed_row(f"forward+backward, no pauses ({shape})", busy, {}),
     ]
 
 
@@ -200,7 +220,8 @@ def bench_inference(batch: int, channels: int, n: int, length: int, repeats: int
     """Forward at the VM-UNet stage-1 inference shape."""
     x = make_inputs(batch, channels, n, length, seed=1)
     fns = candidates(x)
-    times = compare_times({k: _forward_only(f) for k, f in fns.items()}, repeats=repeats, warmup=1)
+    forward = {k: _forward_only(f) for k, f in fns.items()}
+    times = compare_times(forward, repeats=repeats, warmup=1, pause_s=PAUSE_S)
     shape = f"batch {batch}, D {channels}, N {n}, L {length}"
     return _speed_row(
         f"VM-UNet stage-1 inference forward ({shape})", times, {"reference": 10.0, "mambapy": 1.0}

@@ -23,15 +23,20 @@ def compare_times(
     repeats: int = 10,
     warmup: int = 2,
     device: torch.device | None = None,
+    pause_s: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     """Median, min and max seconds per call of each candidate, timed side by side.
 
-    Returns ``{name: {"median_s": ..., "min_s": ..., "max_s": ..., "repeats": n}}``.
+    ``pause_s``: seconds to sleep (untimed) after every call, so that one call's leftovers do not
+    land in the next call's time (torch's OpenMP workers keep spinning on the CPUs for a while
+    after each parallel operation). Returns
+    ``{name: {"median_s": ..., "min_s": ..., "max_s": ..., "repeats": n}}``.
     """
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     _sync(device)
+    time.sleep(pause_s)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
@@ -40,6 +45,7 @@ def compare_times(
             fn()
             _sync(device)
             samples[name].append(time.perf_counter() - start)
+            time.sleep(pause_s)
     return {
         name: {
             "median_s": statistics.median(s),

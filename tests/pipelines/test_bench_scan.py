@@ -36,13 +36,21 @@ def test_bench_scan_tiny_report(tmp_path, capsys):
 
     report = json.loads(out.read_text())
     assert set(report) == {"machine", "speed", "memory"}
-    assert len(report["speed"]) == 3
+    assert len(report["speed"]) == 4
+    # targets on every row but the one timed without pauses between calls
+    assert [set(row["target_speedup"]) for row in report["speed"]] == [
+        {"reference", "mambapy"},
+        {"reference", "mambapy"},
+        set(),
+        {"reference", "mambapy"},
+    ]
+    assert "no pauses" in report["speed"][2]["name"]
     backend = bench_scan.default_backend()[0]
     for row in report["speed"]:
         assert row["backend"] == backend
         assert {backend, "torch", "reference"} <= set(row["times"])
         assert set(row["speedup_over"]) == set(row["times"]) - {backend}
-        assert set(row["met"]) == set(row["speedup_over"]) & {"reference", "mambapy"}
+        assert set(row["met"]) == set(row["speedup_over"]) & set(row["target_speedup"])
         for peer, speedup in row["speedup_over"].items():
             ratio = row["times"][peer]["median_s"] / row["times"][backend]["median_s"]
             assert speedup == pytest.approx(ratio)
