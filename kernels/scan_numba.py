@@ -91,8 +91,8 @@ _LOCK = threading.Lock()
 def _decays(dt, AT, P, IB, SC, c, wide, N, w):
     """``P[n, r] = exp(dt[r] A[r, n]) = 2^(dt[r] AT[n, r])`` for ``n < N``, ``r < w``, all
     ``(N, w)`` flat (``AT = A log2 e`` transposed); ``IB`` is an integer scratch whose float view
-    ``SC`` holds ``2^k``. ``c``: the clamp range, the exponent bias and shift, then the Taylor
-    coefficients ``ln2^j / j!``."""
+    ``SC`` holds ``2^k``. ``c``: the clamp range, the exponent bias and shift, then the
+    polynomial's coefficients (:func:`_exp2_coefficients`)."""
     nl = N * w
     for n in range(N):
         a, e = AT[n * w : (n + 1) * w], P[n * w : (n + 1) * w]

@@ -15,15 +15,16 @@ Candidates, on the same float32 inputs (``u, delta (batch, D, L)``, ``A (D, N)``
   ``exp(delta A)`` and ``delta B u`` as ``(batch, L, D, N)`` tensors, the scan, then ``h @ C``.
   Its inputs are given in its own ``(batch, L, D)`` layout, prepared outside the timing.
 
-Rows: forward (under ``torch.no_grad``) and forward+backward (``.backward`` of a given upstream
-gradient of ones, made outside the timing) at batch 2, D 64, N 16, L 4096; the forward at the
-VM-UNet stage-1 inference shape (batch 1, 4 directions x 192 channels = D 768, L 4096, N 16).
-Candidates are timed in interleaved rounds with a pause of ``PAUSE_S`` after every call: torch's
-OpenMP workers keep spinning for a while after each parallel operation (libgomp's default), and
-without the pause they would still hold a CPU when the next candidate starts. One more
-forward+backward row is timed without the pauses, the numba kernels then sharing the CPUs with
-workers left spinning by the candidate before, as inside a model whose torch layers run just
-before the scan (no target). Speed-ups are those of the default CPU backend. Targets: forward
+Rows: forward (under ``torch.no_grad``) and forward+backward (the gradients of every input
+for an upstream gradient of ones made outside the timing, by ``torch.autograd.grad``) at batch 2,
+D 64, N 16, L 4096; the forward at the VM-UNet stage-1 inference shape (batch 1, 4 directions x
+192 channels = D 768, L 4096, N 16). Candidates are timed in interleaved rounds, each timed call
+isolated from the candidate before it (:func:`kscan.pipelines.timing.compare_times` with
+``ISOLATE_S``): a pause, in which the OpenMP workers that torch leaves spinning after a parallel
+operation go to sleep, then an untimed call, then the timed call. One more forward+backward row
+is timed with the candidates following one another directly, as the scan runs inside a model right
+after torch layers: the numba kernels then share the CPUs with the workers left spinning by the
+candidate before (no target). Speed-ups are those of the default CPU backend. Targets: forward
 >= 10x faster than ``reference``, forward+backward >= 50x, faster than ``mambapy`` in both; extra
 memory of
 each kscan backend <= 1/8 of the ``(batch, D, L, N)`` float32 state tensor, measured by tracking
@@ -52,9 +53,12 @@ from kscan.pipelines.timing import compare_times
 
 Inputs = dict[str, torch.Tensor]
 
-PAUSE_S = 0.03
-"""Untimed sleep after every timed call: three times the ~10 ms that torch's idle OpenMP workers
-were seen spinning after a parallel operation on the 2-CPU benchmark machine."""
+ISOLATE_S = 0.03
+"""The pause before each timed call's untimed twin: three times the ~10 ms that torch's idle
+OpenMP workers were seen spinning after a parallel operation on the 2-CPU benchmark machine."""
+
+Candidate = tuple[Callable[[], torch.Tensor], list[torch.Tensor]]
+"""A zero-argument forward call and the leaf tensors its output depends on."""
 
 
 def make_inputs(batch: int, channels: int, n: int, length: int, seed: int = 0) -> Inputs:
@@ -71,7 +75,7 @@ def make_inputs(batch: int, channels: int, n: int, length: int, seed: int = 0) -
     return {k: v.requires_grad_() for k, v in x.items()}
 
 
-def _mambapy_candidate(x: Inputs) -> Callable[[], torch.Tensor] | None:
+def _mambapy_candidate(x: Inputs) -> Candidate | None:
     """mambapy's discretisation + ``pscan`` + read-out on ``x`` in its layout, or None."""
     try:
         from mambapy.pscan import pscan
@@ -88,7 +92,7 @@ def _mambapy_candidate(x: Inputs) -> Callable[[], torch.Tensor] | None:
         bx = delta.unsqueeze(-1) * B.unsqueeze(2) * u.unsqueeze(-1)
         return (pscan(delta_a, bx) @ C.unsqueeze(-1)).squeeze(3)
 
-    return run
+    return run, [u, delta, A, B, C]
 
 
 def _forward_only(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -99,13 +103,15 @@ def _forward_only(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     return run
 
 
-def _with_backward(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    """``fn``'s forward and ``.backward`` of an upstream gradient of ones made here, untimed."""
+def _with_backward(candidate: Candidate) -> Callable[[], None]:
+    """The candidate's forward and the gradients of its leaves for an upstream gradient of ones
+    made here, untimed (``autograd.grad``: nothing is accumulated into ``.grad``)."""
+    fn, leaves = candidate
     with torch.no_grad():
         grad = torch.ones_like(fn())
 
     def run() -> None:
-        fn().backward(grad)
+        torch.autograd.grad(fn(), leaves, grad)
 
     return run
 
@@ -115,14 +121,15 @@ def default_backend() -> tuple[str, Callable[..., torch.Tensor]]:
     return resolve_backend(torch.device("cpu"), None)
 
 
-def candidates(x: Inputs) -> dict[str, Callable[[], torch.Tensor]]:
+def candidates(x: Inputs) -> dict[str, Candidate]:
     """The default CPU backend first, then ``torch`` (if not the default), ``reference`` and (when
-    installed) ``mambapy``, as zero-argument calls."""
+    installed) ``mambapy``."""
     name, fn = default_backend()
-    found: dict[str, Callable[[], torch.Tensor]] = {name: lambda: fn(**x)}
+    leaves = list(x.values())
+    found: dict[str, Candidate] = {name: (lambda: fn(**x), leaves)}
     if name != "torch":
-        found["torch"] = lambda: selective_scan_torch(**x)
-    found["reference"] = lambda: selective_scan_reference(**x)
+        found["torch"] = (lambda: selective_scan_torch(**x), leaves)
+    found["reference"] = (lambda: selective_scan_reference(**x), leaves)
     mambapy = _mambapy_candidate(x)
     if mambapy is not None:
         found["mambapy"] = mambapy
@@ -159,20 +166,20 @@ def bench_speed(
     x = make_inputs(batch, channels, n, length)
     fns = candidates(x)
     shape = f"batch {batch}, D {channels}, N {n}, L {length}"
-    forward = {k: _forward_only(f) for k, f in fns.items()}
-    fwd = compare_times(forward, repeats=repeats, warmup=1, pause_s=PAUSE_S)
-    train = {k: _with_backward(f) for k, f in fns.items()}
+    forward = {k: _forward_only(fn) for k, (fn, _) in fns.items()}
+    fwd = compare_times(forward, repeats=repeats, warmup=1, isolate_s=ISOLATE_S)
+    train = {k: _with_backward(c) for k, c in fns.items()}
     reference = {"reference": train.pop("reference")}
     fwd_bwd, busy = (
-        compare_times(train, repeats=repeats, warmup=1, pause_s=pause)
-        | compare_times(reference, repeats=reference_repeats, warmup=0, pause_s=pause)
-        for pause in (PAUSE_S, 0.0)
+        compare_times(train, repeats=repeats, warmup=1, isolate_s=isolate)
+        | compare_times(reference, repeats=reference_repeats, warmup=0, isolate_s=isolate)
+        for isolate in (ISOLATE_S, None)
     )
     targets = {"reference": 50.0, "mambapy": 1.0}
     return [
         _speed_row(f"forward ({shape})", fwd, {"reference": 10.0, "mambapy": 1.0}),
         _speed_row(f"forward+backward ({shape})", fwd_bwd, targets),
-        _speed_row(f"forward+backward, no pauses ({shape})", busy, {}),
+        _speed_row(f"forward+backward, calls back to back ({shape})", busy, {}),
     ]
 
 
@@ -220,8 +227,8 @@ def bench_inference(batch: int, channels: int, n: int, length: int, repeats: int
     """Forward at the VM-UNet stage-1 inference shape."""
     x = make_inputs(batch, channels, n, length, seed=1)
     fns = candidates(x)
-    forward = {k: _forward_only(f) for k, f in fns.items()}
-    times = compare_times(forward, repeats=repeats, warmup=1, pause_s=PAUSE_S)
+    forward = {k: _forward_only(fn) for k, (fn, _) in fns.items()}
+    times = compare_times(forward, repeats=repeats, warmup=1, isolate_s=ISOLATE_S)
     shape = f"batch {batch}, D {channels}, N {n}, L {length}"
     return _speed_row(
         f"VM-UNet stage-1 inference forward ({shape})", times, {"reference": 10.0, "mambapy": 1.0}

@@ -23,29 +23,32 @@ def compare_times(
     repeats: int = 10,
     warmup: int = 2,
     device: torch.device | None = None,
-    pause_s: float = 0.0,
+    isolate_s: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """Median, min and max seconds per call of each candidate, timed side by side.
 
-    ``pause_s``: seconds to sleep (untimed) after every call, so that one call's leftovers do not
-    land in the next call's time (torch's OpenMP workers keep spinning on the CPUs for a while
-    after each parallel operation). Returns
+    ``isolate_s``: when given, each timed call is isolated from the candidate timed before it:
+    sleep ``isolate_s`` seconds (torch's OpenMP workers keep spinning on the CPUs for a while
+    after each parallel operation, and would take a CPU from the next call), then make one
+    untimed call of the same candidate (caches, clocks and thread pools warm again after the
+    sleep), then the timed call. Without it, candidates follow one another directly. Returns
     ``{name: {"median_s": ..., "min_s": ..., "max_s": ..., "repeats": n}}``.
     """
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
-    _sync(device)
-    time.sleep(pause_s)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
+            if isolate_s is not None:
+                _sync(device)
+                time.sleep(isolate_s)
+                fn()
             _sync(device)
             start = time.perf_counter()
             fn()
             _sync(device)
             samples[name].append(time.perf_counter() - start)
-            time.sleep(pause_s)
     return {
         name: {
             "median_s": statistics.median(s),

@@ -37,14 +37,14 @@ def test_bench_scan_tiny_report(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report) == {"machine", "speed", "memory"}
     assert len(report["speed"]) == 4
-    # targets on every row but the one timed without pauses between calls
+    # targets on every row but the one timed with the calls back to back
     assert [set(row["target_speedup"]) for row in report["speed"]] == [
         {"reference", "mambapy"},
         {"reference", "mambapy"},
         set(),
         {"reference", "mambapy"},
     ]
-    assert "no pauses" in report["speed"][2]["name"]
+    assert "back to back" in report["speed"][2]["name"]
     backend = bench_scan.default_backend()[0]
     for row in report["speed"]:
         assert row["backend"] == backend
