@@ -19,6 +19,7 @@ from kscan.pipelines import (
     bench_parallel,
     bench_physics,
     bench_scan,
+    bench_scan_gpu,
     benchmark,
     convert_cmd,
     demo,
@@ -49,7 +50,7 @@ COMMANDS = (
 )
 """Modules with a ``register(subparsers)`` function, one per subcommand, in ``--help`` order."""
 
-BENCHMARKS = (bench_physics, bench_io, bench_scan, bench_models, bench_parallel)
+BENCHMARKS = (bench_physics, bench_io, bench_scan, bench_scan_gpu, bench_models, bench_parallel)
 """Modules registering a ``kscan bench SUITE`` subcommand."""
 
 
