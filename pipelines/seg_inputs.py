@@ -7,6 +7,9 @@ NIfTI ``.nii[.gz]``    the array ``(W, H, slices)`` as ``(slices, H, W)``
                        (:func:`~kscan.pipelines.io.nifti.nifti_array_to_volume`), its affine
 DICOM series folder    :func:`~kscan.pipelines.io.dicom.read_series` (MR), the series' affine;
                        the files of its slices, in slice order, for a DICOM SEG
+DICOM file             the same for one file, of any name, recognised by the ``DICM`` marker of
+                       its preamble: one image (one slice) or an enhanced multi-frame image (a
+                       slice per frame; the slice of each frame, for a DICOM SEG of the file)
 HDF5 ``.h5``           ``reconstruction`` (``kscan reconstruct``, fastMRI submissions) or the
                        fastMRI target ``reconstruction_rss`` / ``reconstruction_esc``
                        ``(slices, H, W)``; an axial affine
@@ -18,7 +21,8 @@ PNG / JPEG             one slice ``(1, H, W)`` (colour images as luminance, PIL'
 
 A folder is one DICOM series when it holds no subfolder and no file of the suffixes above;
 otherwise it is a folder of inputs: those files and its subfolders (each a DICOM series), sorted by
-name, hidden entries skipped.
+name, hidden entries skipped. DICOM files are inputs of their own only when given as the input
+path: inside a folder they make up its series.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pydicom
 from PIL import Image, UnidentifiedImageError
+from pydicom.misc import is_dicom
 
 from kscan.errors import FileFormatError, ShapeError
 from kscan.pipelines.io.dicom import read_series
@@ -39,6 +43,7 @@ from kscan.pipelines.io.nifti import axial_affine, nifti_array_to_volume, read_n
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 H5_SUFFIXES = (".h5",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+EXPECTED = "a NIfTI, HDF5, PNG, JPEG or DICOM file, or a DICOM series folder"
 RECONSTRUCTION = "reconstruction"
 """The dataset ``kscan reconstruct`` (fastMRI's submission layout) writes."""
 
@@ -55,6 +60,8 @@ class SegInput:
         files: the files read (for the provenance).
         nifti_shape: the input NIfTI's array shape (so labels are written in it), else None.
         dicom_slices: DICOM inputs of single-frame images: the file of each slice, in order.
+        dicom_frames: a DICOM input of one multi-frame file: the slice of each frame, in frame
+            order.
     """
 
     path: Path
@@ -64,6 +71,7 @@ class SegInput:
     files: tuple[Path, ...]
     nifti_shape: tuple[int, ...] | None = None
     dicom_slices: tuple[Path, ...] | None = None
+    dicom_frames: tuple[int, ...] | None = None
 
 
 def _kind(path: Path) -> str | None:
@@ -85,10 +93,8 @@ def list_inputs(path: str | Path) -> list[Path]:
     if not path.exists():
         raise FileFormatError(f"{path}: no such file or folder")
     if path.is_file():
-        if _kind(path) is None:
-            raise FileFormatError(
-                f"{path}: unknown input; expected a NIfTI, HDF5, PNG or JPEG file or a DICOM folder"
-            )
+        if _kind(path) is None and not is_dicom(path):
+            raise FileFormatError(f"{path}: unknown input; expected {EXPECTED}")
         return [path]
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     inputs = [p for p in entries if p.is_dir() or (p.is_file() and _kind(p) is not None)]
@@ -98,18 +104,16 @@ def list_inputs(path: str | Path) -> list[Path]:
 def read_input(path: str | Path) -> SegInput:
     """Read one input (see the module docstring)."""
     path = Path(path)
-    if path.is_dir():
-        return _read_dicom(path)
     kind = _kind(path)
+    if path.is_dir() or (kind is None and path.is_file() and is_dicom(path)):
+        return _read_dicom(path)
     if kind == "nifti":
         return _read_nifti(path)
     if kind == "h5":
         return _read_h5(path)
     if kind == "image":
         return _read_image(path)
-    raise FileFormatError(
-        f"{path}: unknown input; expected a NIfTI, HDF5, PNG or JPEG file or a DICOM folder"
-    )
+    raise FileFormatError(f"{path}: unknown input; expected {EXPECTED}")
 
 
 def _real_volume(volume: np.ndarray, path: Path) -> np.ndarray:
@@ -132,37 +136,22 @@ def _read_nifti(path: Path) -> SegInput:
 def _read_dicom(path: Path) -> SegInput:
     series = read_series(path)
     volume = _real_volume(nifti_array_to_volume(series.array, path), path)
+    files = {file for file, _ in series.slices}
+    frames = [frame for _, frame in series.slices]
+    single_frame = all(frame is None for frame in frames)
+    one_multiframe = len(files) == 1 and None not in frames
+    slot = np.empty(len(frames), dtype=np.int64)  # frame -> slice, for one multi-frame file
+    if one_multiframe:
+        slot[frames] = np.arange(len(frames))
     return SegInput(
         path,
         "dicom",
         volume,
         series.affine,
         series.info.files,
-        dicom_slices=_slice_files(series.info.files, series.affine, volume.shape[0]),
+        dicom_slices=tuple(file for file, _ in series.slices) if single_frame else None,
+        dicom_frames=tuple(int(k) for k in slot) if one_multiframe else None,
     )
-
-
-def _slice_files(
-    files: tuple[Path, ...], affine: np.ndarray, slices: int
-) -> tuple[Path, ...] | None:
-    """The file of each slice, from its ImagePositionPatient: slice ``k`` lies at
-    ``affine @ (0, 0, k, 1)``. None for a series of multi-frame files (no single-frame sources)."""
-    if len(files) != slices:
-        return None
-    inverse = np.linalg.inv(affine)
-    order: dict[int, Path] = {}
-    for file in files:
-        ds = pydicom.dcmread(file, stop_before_pixels=True)
-        if int(ds.get("NumberOfFrames") or 1) != 1:
-            return None
-        lps = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
-        ras = np.array([-lps[0], -lps[1], lps[2], 1.0])
-        order[int(round((inverse @ ras)[2]))] = file
-    if sorted(order) != list(range(slices)):
-        raise FileFormatError(
-            f"{files[0].parent}: cannot match the files to the {slices} slice positions"
-        )
-    return tuple(order[k] for k in range(slices))
 
 
 def _read_h5(path: Path) -> SegInput:

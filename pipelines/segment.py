@@ -20,7 +20,9 @@ NaN or Inf in an input is an error naming the file and the slices.
 Outputs, for an input ``<stem>``: the label NIfTI ``<stem>.nii.gz`` (uint8; the input NIfTI's
 shape and affine, the DICOM series' affine, or an axial affine of the voxel size) with its
 provenance sidecar ``<stem>.json`` (model, config, checkpoint SHA-256, class names, settings);
-for DICOM inputs a DICOM SEG ``<stem>_seg.dcm`` referencing the series; with ``--overlay`` a PNG
+for DICOM inputs a DICOM SEG ``<stem>_seg.dcm`` referencing the series' images (or, for one
+enhanced multi-frame file, its frames; a series of several multi-frame files gets none, with a
+warning); with ``--overlay`` a PNG
 ``<stem>_overlay.png`` of up to 9 slices with the labels coloured over the image. A single input
 may be written to an output file ``*.nii[.gz]`` (the others beside it).
 
@@ -428,7 +430,8 @@ def write_dicom_seg(
     record: dict[str, Any],
 ) -> Path:
     """Write labels ``(slices, H, W)`` as a DICOM SEG referencing the single-frame images
-    ``source_files`` (one per slice, in slice order), with the foreground classes of ``names``."""
+    ``source_files`` (one per slice, in slice order), or one multi-frame image (``labels[k]``
+    segments its frame ``k + 1``), with the foreground classes of ``names``."""
     sources = [pydicom.dcmread(f) for f in source_files]
     foreground = {k: v for k, v in names.items() if k > 0}
     return write_segmentation(path, labels, sources, foreground, provenance=record)
@@ -441,18 +444,22 @@ def _write_seg(
     record: dict[str, Any],
     path: Path,
 ) -> Path | None:
-    """The DICOM SEG of a DICOM input of single-frame images (a warning for other DICOM inputs)."""
+    """The DICOM SEG of a DICOM input: of its single-frame images, or of the frames of its one
+    multi-frame image (a warning for a series of several multi-frame files)."""
     if item.kind != "dicom":
         return None
-    if item.dicom_slices is None:
-        warnings.warn(
-            f"{item.path}: no DICOM SEG written (multi-frame images; kscan writes SEGs of "
-            "single-frame series); the label NIfTI holds the result",
-            SegmentationWarning,
-            stacklevel=3,
-        )
-        return None
-    return write_dicom_seg(path, labels, list(item.dicom_slices), names, record)
+    if item.dicom_slices is not None:
+        return write_dicom_seg(path, labels, list(item.dicom_slices), names, record)
+    if item.dicom_frames is not None:  # labels in the file's frame order
+        frame_labels = labels[list(item.dicom_frames)]
+        return write_dicom_seg(path, frame_labels, [item.files[0]], names, record)
+    warnings.warn(
+        f"{item.path}: no DICOM SEG written (a series of several multi-frame files; kscan writes "
+        "SEGs of single-frame series and of one multi-frame file); the label NIfTI holds the result",
+        SegmentationWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 def input_pairs(
@@ -490,7 +497,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: kscan segment sim/nifti/sim_000.nii.gz labels/ --model vmunet --overlay",
     )
     parser.add_argument(
-        "input", help="a NIfTI/HDF5/PNG/JPEG file, a DICOM series folder, or a folder of them"
+        "input",
+        help="a NIfTI/HDF5/PNG/JPEG/DICOM file, a DICOM series folder, or a folder of them",
     )
     parser.add_argument("output", help="a .nii / .nii.gz file (single input), or a folder")
     parser.add_argument(

@@ -71,11 +71,14 @@ class SeriesInfo:
 
 
 class DicomVolume(NamedTuple):
-    """A series as a volume: ``array`` (columns, rows, slices) float32, RAS ``affine`` (4, 4)."""
+    """A series as a volume: ``array`` (columns, rows, slices) float32, RAS ``affine`` (4, 4);
+    ``slices[k]``: the file slice ``k`` came from and its frame (from 0) in a multi-frame file,
+    None for a single-frame file."""
 
     array: np.ndarray
     affine: np.ndarray
     info: SeriesInfo
+    slices: tuple[tuple[Path, int | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,8 @@ def read_series(
         frame for file, ds in zip(info.files, headers, strict=True) for frame in _frames(file, ds)
     ]
     order, affine = _stack_geometry(frames, Path(path))
-    return DicomVolume(_read_pixels(frames, order), affine, info)
+    slices = tuple((frames[i].path, frames[i].index) for i in order)
+    return DicomVolume(_read_pixels(frames, order), affine, info, slices)
 
 
 def _scan(root: Path) -> list[tuple[SeriesInfo, list[Dataset]]]:

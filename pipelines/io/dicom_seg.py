@@ -3,7 +3,9 @@
 A label volume ``labels`` of shape ``(slices, rows, cols)`` holds class ids (0 is background);
 ``labels[k]`` segments ``source_images[k]``, a single-frame image of the series it was computed from
 (for example the files :func:`kscan.pipelines.io.dicom_write.write_mr_series` wrote, in slice
-order). Each named class becomes one segment. DICOM numbers segments 1, 2, ... without gaps, so
+order), or frame ``k + 1`` of a single multi-frame (enhanced) source image. Against a multi-frame
+source every frame of every segment is written, empty or not, so that the object says how many
+frames the source has. Each named class becomes one segment. DICOM numbers segments 1, 2, ... without gaps, so
 class ids are mapped to segment numbers in increasing order and the map is kept as JSON in
 kscan's private block (creator ``"kscan"``, group ``0x0011``, element ``0x02``), next to the
 provenance record (element ``0x01``). :func:`read_segmentation` restores the class ids from it
@@ -60,6 +62,8 @@ class SegmentationVolume(NamedTuple):
     """Class id -> segment label, for every segment of the object."""
     source_sop_instance_uids: list[str]
     """SOP Instance UID of the source image of each slice of ``labels``."""
+    source_frame_numbers: list[int] | None = None
+    """For a multi-frame source image, the frame (from 1) each slice of ``labels`` segments."""
 
 
 def _check_labels(labels: Any, class_names: Mapping[int, str]) -> np.ndarray:
@@ -88,11 +92,22 @@ def _check_labels(labels: Any, class_names: Mapping[int, str]) -> np.ndarray:
     return lab
 
 
+def _frames(ds: Dataset) -> int:
+    return int(ds.get("NumberOfFrames") or 1)
+
+
 def _check_sources(source_images: Sequence[Dataset], shape: tuple[int, ...]) -> list[Dataset]:
     sources = list(source_images)
-    if len(sources) != shape[0]:
+    multiframe = len(sources) == 1 and isinstance(sources[0], Dataset) and _frames(sources[0]) > 1
+    if multiframe and _frames(sources[0]) != shape[0]:
         raise ShapeError(
-            f"source_images: {len(sources)} images for labels of {shape[0]} slices; expected one per slice"
+            f"source_images[0]: {_frames(sources[0])} frames for labels of {shape[0]} slices; "
+            "expected one frame per slice"
+        )
+    if len(sources) != shape[0] and not multiframe:
+        raise ShapeError(
+            f"source_images: {len(sources)} images for labels of {shape[0]} slices; expected one per "
+            "slice, or one multi-frame image with a frame per slice"
         )
     for n, ds in enumerate(sources):
         if not isinstance(ds, Dataset):
@@ -123,7 +138,8 @@ def write_segmentation(
         out_path: the ``.dcm`` file to write.
         labels: integer array or tensor ``(slices, rows, cols)``; ``labels[k]`` segments
             ``source_images[k]``. Every id > 0 must be named in ``class_names``.
-        source_images: the single-frame images segmented, one per slice, with their geometry.
+        source_images: the single-frame images segmented, one per slice, with their geometry;
+            or one multi-frame image whose frame ``k + 1`` ``labels[k]`` segments.
         class_names: class id (> 0) -> segment label; every named class becomes a segment, also
             when it is absent from ``labels``.
         provenance: a :func:`~kscan.pipelines.provenance.provenance_record`; its ``parameters``
@@ -216,7 +232,8 @@ def _segmentation(
         manufacturer_model_name="kscan",
         software_versions=f"kscan {kscan.__version__}",
         device_serial_number="none",
-        omit_empty_frames=bool(pixels.any()),  # highdicom needs one frame at least
+        # highdicom needs one frame at least; a multi-frame source keeps all (module docstring)
+        omit_empty_frames=bool(pixels.any()) and _frames(sources[0]) == 1,
     )
 
 
@@ -241,12 +258,28 @@ def read_segmentation(path: str | os.PathLike[str]) -> SegmentationVolume:
         raise FileFormatError(f"{path}: {found}; expected a Segmentation Storage object")
     seg = hd.seg.Segmentation.from_dataset(ds)
     uids = [str(sop) for _, _, sop in seg.get_source_image_uids()]
-    segments = seg.get_pixels_by_source_instance(
-        uids, combine_segments=True, relabel=False, assert_missing_frames_are_empty=True
+    frames = sorted(
+        {
+            int(source.ReferencedFrameNumber)
+            for group in seg.PerFrameFunctionalGroupsSequence
+            for derivation in group.get("DerivationImageSequence", [])
+            for source in derivation.SourceImageSequence
+            if "ReferencedFrameNumber" in source
+        }
     )
+    if len(uids) == 1 and frames:  # one multi-frame source
+        segments = seg.get_pixels_by_source_frame(
+            uids[0], frames, combine_segments=True, relabel=False
+        )
+        uids = uids * len(frames)
+    else:
+        frames = None
+        segments = seg.get_pixels_by_source_instance(
+            uids, combine_segments=True, relabel=False, assert_missing_frames_are_empty=True
+        )
     numbers = [int(n) for n in seg.segment_numbers]
     class_of = _class_map(seg) or {n: n for n in numbers}
     lut = np.zeros(max(numbers) + 1, dtype=np.uint16 if max(class_of.values()) > 255 else np.uint8)
     lut[numbers] = [class_of[n] for n in numbers]
     names = {class_of[n]: str(seg.get_segment_description(n).segment_label) for n in numbers}
-    return SegmentationVolume(lut[segments.astype(np.int64)], names, uids)
+    return SegmentationVolume(lut[segments.astype(np.int64)], names, uids, frames)

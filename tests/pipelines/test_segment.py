@@ -36,6 +36,7 @@ from kscan.pipelines.segment import (
     segment_file,
 )
 from kscan.pipelines.simulate import VOXEL_SIZE_MM, simulate_dataset
+from tests.pipelines.io.test_dicom_read import make_slices, to_enhanced
 
 TINY = {
     "dims": [8, 16, 32, 64],
@@ -252,6 +253,56 @@ def test_dicom_in_gives_a_dicom_seg_of_the_series(tmp_path, ckpt, sim):
     order = [by_uid[uid] for uid in back.source_sop_instance_uids]
     np.testing.assert_array_equal(back.labels, labels[order])
     assert back.class_names[5] == TISSUE_CLASSES[5]
+
+
+def test_one_dicom_file_in_gives_its_slice_and_a_seg_of_it(tmp_path, ckpt, model, sim):
+    """A single-frame file given alone (any name: found by its preamble) is a one-slice input."""
+    series = sim / "dicom" / "sim_000"
+    source = tmp_path / "IM0001"  # no suffix, as DICOM files often come
+    source.write_bytes(sorted(series.glob("*.dcm"))[1].read_bytes())
+    out = tmp_path / "out"
+    assert main(["segment", str(source), str(out), "--checkpoint", str(ckpt), "--quiet"]) == 0
+    image = read_series(source)
+    labels_nifti = read_nifti(out / "IM0001.nii.gz")
+    np.testing.assert_allclose(labels_nifti.affine, image.affine, atol=1e-6)
+    labels = nifti_array_to_volume(labels_nifti.array)
+    np.testing.assert_array_equal(
+        labels, _reference_labels(model, nifti_array_to_volume(image.array))
+    )
+    back = read_segmentation(out / "IM0001_seg.dcm")
+    assert back.source_sop_instance_uids == [pydicom.dcmread(source).SOPInstanceUID]
+    np.testing.assert_array_equal(back.labels, labels)
+
+
+def test_an_enhanced_multiframe_file_in_gives_its_volume_and_a_seg_of_its_frames(
+    tmp_path, ckpt, model
+):
+    slices = make_slices(3)
+    for k, ds in enumerate(slices):  # different images, so that a swap of frames would show
+        pixels = ds.pixel_array.copy()
+        pixels[:, : 20 * k] = 0
+        ds.PixelData = pixels.tobytes()
+    enhanced = to_enhanced(slices, tmp_path / "enhanced.dcm")  # frames in reverse slice order
+    out = tmp_path / "out"
+    assert main(["segment", str(enhanced), str(out), "--checkpoint", str(ckpt), "--quiet"]) == 0
+    volume = nifti_array_to_volume(read_series(enhanced).array)
+    assert volume.shape[0] == 3
+    labels = nifti_array_to_volume(read_nifti(out / "enhanced.nii.gz").array)
+    np.testing.assert_array_equal(labels, _reference_labels(model, volume))
+    assert len({labels[k].tobytes() for k in range(3)}) == 3
+    back = read_segmentation(out / "enhanced_seg.dcm")
+    assert back.source_frame_numbers == [1, 2, 3]
+    assert back.source_sop_instance_uids == [pydicom.dcmread(enhanced).SOPInstanceUID] * 3
+    np.testing.assert_array_equal(back.labels, labels[::-1])
+
+
+def test_other_files_are_refused_naming_what_is_expected(tmp_path, ckpt, capsys):
+    other = tmp_path / "notes.txt"
+    other.write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["segment", str(other), str(out), "--checkpoint", str(ckpt), "--quiet"]) == 2
+    message = capsys.readouterr().err
+    assert f"{other}: unknown input; expected a NIfTI, HDF5, PNG, JPEG or DICOM file" in message
 
 
 def test_h5_reconstructions_in(tmp_path, ckpt, model, sim):

@@ -197,3 +197,22 @@ def test_read_rejects_non_seg_files(tmp_path, source_files):
         read_segmentation(junk)
     with pytest.raises(FileFormatError, match="missing.dcm: cannot be read"):
         read_segmentation(tmp_path / "missing.dcm")
+
+
+def test_multiframe_source_round_trip_and_frame_count(tmp_path):
+    """One enhanced source: ``labels[k]`` segments frame ``k + 1``; every frame is written, so an
+    empty last frame still reads back; a frame count unlike the labels' slices is refused."""
+    from tests.pipelines.io.test_dicom_read import make_slices, to_enhanced
+
+    source = pydicom.dcmread(to_enhanced(make_slices(3), tmp_path / "enhanced.dcm"))
+    labels = np.zeros((3, source.Rows, source.Columns), dtype=np.uint8)
+    labels[0, 5:20, 5:30] = 1
+    labels[1, 30:40, 10:12] = 2
+    path = write_segmentation(tmp_path / "seg.dcm", labels, [source], {1: "a", 2: "b"})
+    back = read_segmentation(path)
+    np.testing.assert_array_equal(back.labels, labels)
+    assert back.source_frame_numbers == [1, 2, 3]
+    assert back.source_sop_instance_uids == [source.SOPInstanceUID] * 3
+    with pytest.raises(ShapeError, match=r"source_images\[0\]: 3 frames for labels of 2 slices"):
+        write_segmentation(tmp_path / "bad.dcm", labels[:2], [source], {1: "a", 2: "b"})
+    assert not (tmp_path / "bad.dcm").exists()
