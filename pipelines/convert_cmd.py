@@ -6,6 +6,10 @@ the output's name:
 - DICOM file or folder -> ``OUT.nii`` / ``OUT.nii.gz``: one series (``--series`` by index or
   SeriesInstanceUID when the folder holds several) through dcm2niix or kscan's pydicom reader
   (``--method``), :func:`kscan.pipelines.io.convert.dicom_to_nifti`;
+- DICOM SEG file -> ``OUT.nii`` / ``OUT.nii.gz``: its label volume in the grid of the series it
+  segments, ``--reference`` (that series' folder; ``--series`` picks it), laid out like the NIfTI
+  ``--like`` when given (e.g. the series converted by either method),
+  :func:`kscan.pipelines.io.convert.segmentation_to_nifti`;
 - NIfTI -> a DICOM folder ``OUT`` (any other name): a derived MR series; ``--reference`` (a DICOM
   folder, its series chosen by ``--series``) supplies Patient, Study and Frame of Reference,
   :func:`kscan.pipelines.io.convert.nifti_to_dicom`;
@@ -23,9 +27,13 @@ import argparse
 import re
 from pathlib import Path
 
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import SegmentationStorage
+
 from kscan.errors import ConfigError, FileFormatError
 from kscan.pipelines.info import FORMATS, detect_format
-from kscan.pipelines.io.convert import dicom_to_nifti, nifti_to_dicom
+from kscan.pipelines.io.convert import dicom_to_nifti, nifti_to_dicom, segmentation_to_nifti
 from kscan.pipelines.io.mrd import mrd_to_fastmri
 from kscan.pipelines.provenance import provenance_record, sidecar_path, write_sidecar
 
@@ -57,6 +65,7 @@ def convert(
     series: int | str | None = None,
     method: str = "auto",
     reference: str | Path | None = None,
+    like: str | Path | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
     """Convert ``src`` to ``out`` in the direction given by their formats (module docstring).
@@ -74,9 +83,12 @@ def convert(
             f"{FORMATS[_SOURCES[kind]]}; convert writes NIfTI from DICOM, a DICOM folder from "
             "NIfTI, and fastMRI HDF5 (.h5) from MRD"
         )
-    _check_options(kind, series, method, reference)
+    segmentation = kind == "nifti" and is_segmentation(src)
+    _check_options(kind, series, method, reference, like, segmentation)
     if out.exists() and not overwrite:
         raise FileFormatError(f"{out}: already exists; pass --overwrite to replace it")
+    if segmentation:
+        return [segmentation_to_nifti(src, out, reference, reference_series=series, like=like)]  # type: ignore[arg-type]
     if kind == "nifti":
         return [dicom_to_nifti(src, out, series, method=method)]  # type: ignore[arg-type]
     if kind == "dicom":
@@ -93,13 +105,40 @@ def convert(
     return [written]
 
 
+def is_segmentation(path: Path) -> bool:
+    """Whether ``path`` is a DICOM Segmentation Storage file."""
+    if not path.is_file():
+        return False
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except (OSError, InvalidDicomError):
+        return False
+    return ds.get("SOPClassUID") == SegmentationStorage
+
+
 def _check_options(
-    kind: str, series: int | str | None, method: str, reference: str | Path | None
+    kind: str,
+    series: int | str | None,
+    method: str,
+    reference: str | Path | None,
+    like: str | Path | None,
+    segmentation: bool,
 ) -> None:
+    if segmentation:
+        if reference is None:
+            raise ConfigError(
+                "--reference: a DICOM SEG converts in the grid of the series it segments; give "
+                "that series' folder"
+            )
+        if method != "auto":
+            raise ConfigError(f"--method {method}: applies to DICOM images -> NIfTI only")
+        return
+    if like is not None:
+        raise ConfigError("--like: applies to DICOM SEG -> NIfTI only")
     if method != "auto" and kind != "nifti":
         raise ConfigError(f"--method {method}: applies to DICOM -> NIfTI only")
     if reference is not None and kind != "dicom":
-        raise ConfigError("--reference: applies to NIfTI -> DICOM only")
+        raise ConfigError("--reference: applies to NIfTI -> DICOM and DICOM SEG -> NIfTI only")
     if series is not None and kind == "fastmri":
         raise ConfigError("--series: applies to DICOM input or to --reference, not to MRD input")
     if series is not None and kind == "dicom" and reference is None:
@@ -136,7 +175,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--reference",
-        help="DICOM folder whose Patient, Study and Frame of Reference the new series keeps",
+        help="NIfTI -> DICOM: the DICOM folder whose Patient, Study and Frame of Reference the new "
+        "series keeps; DICOM SEG -> NIfTI: the folder of the series the SEG segments",
+    )
+    parser.add_argument(
+        "--like",
+        help="DICOM SEG -> NIfTI: a NIfTI of the reference series whose voxel layout the labels take",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.set_defaults(func=_main)
@@ -149,6 +193,7 @@ def _main(args: argparse.Namespace) -> None:
         series=args.series,
         method=args.method,
         reference=args.reference,
+        like=args.like,
         overwrite=args.overwrite,
     )
     what = f"{len(written)} DICOM files" if output_kind(args.out) == "dicom" else "1 file"

@@ -8,6 +8,11 @@ world position; dcm2niix may store the voxel axes flipped or permuted relative t
 
 NIfTI -> DICOM writes a derived MR series with :func:`kscan.pipelines.io.dicom_write.write_mr_series`.
 
+DICOM SEG -> NIfTI (:func:`segmentation_to_nifti`) writes the label volume of a segmentation in
+the voxel grid of the series it segments (``reference``), matching each SEG frame to its slice by
+the source image's SOP Instance UID (and frame number); ``like`` (a NIfTI of that series, written
+by either converter) gives the voxel-axis layout, so that labels and image align voxel for voxel.
+
 Every output is written atomically with a JSON provenance sidecar (``vol.nii.gz`` -> ``vol.json``,
 ``series_dir`` -> ``series_dir.json``).
 """
@@ -24,13 +29,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pydicom
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
 from kscan.errors import ConfigError, FileFormatError, ShapeError
 from kscan.pipelines.atomic import atomic_path
 from kscan.pipelines.io.dicom import SeriesInfo, read_series, select_series
+from kscan.pipelines.io.dicom_seg import read_segmentation
 from kscan.pipelines.io.dicom_write import write_mr_series
-from kscan.pipelines.io.nifti import read_nifti, write_nifti
+from kscan.pipelines.io.nifti import read_nifti, volume_to_nifti_array, write_nifti
 from kscan.pipelines.provenance import provenance_record, write_sidecar
 
 Method = Literal["auto", "dcm2niix", "pydicom"]
@@ -205,3 +213,88 @@ def _copy_nifti(source: Path, target: Path) -> None:
             shutil.copyfileobj(raw, packed)
     else:
         shutil.copyfile(source, target)
+
+
+def segmentation_to_nifti(
+    src: str | Path,
+    out: str | Path,
+    reference: str | Path,
+    *,
+    reference_series: int | str | None = None,
+    like: str | Path | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the DICOM SEG ``src`` as a label NIfTI ``out`` in the grid of the series it segments.
+
+    ``reference``: the DICOM folder (or file) of that series, chosen by ``reference_series``; its
+    slices are matched to the SEG's frames by SOP Instance UID and frame number, slices the SEG
+    does not cover get label 0. ``like``: a NIfTI of the same series whose voxel-axis order and
+    directions the labels take (their affine must then equal it); default kscan's reader's
+    ``(columns, rows, slices)`` layout. Class ids as :func:`read_segmentation` restores them;
+    the class names go into the provenance sidecar. Returns ``out``.
+    """
+    src, out = Path(src), Path(out)
+    if not out.name.endswith((".nii", ".nii.gz")):
+        raise FileFormatError(f"{out}: expected a .nii or .nii.gz output path")
+    seg = read_segmentation(src)
+    series = read_series(reference, reference_series)
+    uid_of = {
+        file: str(pydicom.dcmread(file, stop_before_pixels=True).SOPInstanceUID)
+        for file in {file for file, _ in series.slices}
+    }
+    slice_keys = [
+        (uid_of[file], None if frame is None else frame + 1) for file, frame in series.slices
+    ]
+    frames = seg.source_frame_numbers or [None] * len(seg.source_sop_instance_uids)
+    seg_keys = list(zip(seg.source_sop_instance_uids, frames, strict=True))
+    unknown = set(seg_keys) - set(slice_keys)
+    if unknown:
+        raise FileFormatError(
+            f"{src}: references {len(unknown)} of its {len(seg_keys)} source images outside the "
+            f"series of {reference}; expected a segmentation of that series"
+        )
+    row_of = {key: n for n, key in enumerate(seg_keys)}
+    rows, cols = seg.labels.shape[1:]
+    volume = np.zeros((len(slice_keys), rows, cols), dtype=seg.labels.dtype)
+    for k, key in enumerate(slice_keys):
+        if key in row_of:
+            volume[k] = seg.labels[row_of[key]]
+    array, affine = volume_to_nifti_array(volume), series.affine
+    if like is not None:
+        image = read_nifti(like)
+        array, affine = _in_layout_of(array, affine, image.affine, like)
+        if array.shape != image.array.shape[:3]:
+            raise ShapeError(
+                f"{like}: shape {image.array.shape}; the series' labels have {array.shape}; "
+                "expected a NIfTI of the same series"
+            )
+    record = dict(
+        provenance
+        if provenance is not None
+        else provenance_record(
+            parameters={
+                "conversion": "segmentation_to_nifti",
+                "class_names": {str(c): name for c, name in seg.class_names.items()},
+            },
+            inputs=[src, *series.info.files],
+        )
+    )
+    write_nifti(out, array, affine, provenance=record)
+    write_sidecar(out, record)
+    return out
+
+
+def _in_layout_of(
+    array: np.ndarray, affine: np.ndarray, target: np.ndarray, like: str | Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` with its voxel axes permuted and flipped so that its affine becomes ``target``
+    (nibabel's orientation transforms); an error naming ``like`` when the grids differ."""
+    transform = ornt_transform(io_orientation(affine), io_orientation(target))
+    moved = apply_orientation(array, transform)
+    moved_affine = affine @ inv_ornt_aff(transform, array.shape)
+    if not np.allclose(moved_affine, target, atol=1e-3):
+        raise ShapeError(
+            f"{like}: its voxel grid differs from the series' (affine {np.round(target, 3).tolist()} "
+            f"against {np.round(moved_affine, 3).tolist()}); expected a NIfTI of the same series"
+        )
+    return np.ascontiguousarray(moved), target

@@ -16,14 +16,20 @@ import ismrmrd.xsd as xsd
 import nibabel as nib
 import numpy as np
 import pydicom
+import pytest
 from nibabel.orientations import io_orientation, ornt_transform
 from nibabel.testing import data_path
 from pydicom.data import get_testdata_file
 
+from kscan.pipelines.anatomy import TISSUE_CLASSES
 from kscan.pipelines.cli import main
 from kscan.pipelines.info import HIDDEN
 from kscan.pipelines.io.dicom import read_series
 from kscan.pipelines.io.fastmri import FastMRIFile
+from kscan.pipelines.io.nifti import read_nifti
+from kscan.pipelines.provenance import sidecar_path
+from kscan.pipelines.simulate import simulate_dataset
+from tests.pipelines.io.test_dicom_read import make_slices
 
 MR_SMALL = get_testdata_file("MR_small.dcm", download=False)
 ANATOMICAL = os.path.join(data_path, "anatomical.nii")
@@ -108,6 +114,71 @@ def test_wrong_direction_and_options_exit_2(tmp_path, capsys):
         assert code == 2 and err.startswith("kscan: error: ") and err.count("\n") == 1
         assert str(named) in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def sim_dicom(tmp_path_factory):
+    """A simulated 3-slice DICOM series with its DICOM SEG and the same labels as NIfTI."""
+    root = tmp_path_factory.mktemp("sim")
+    simulate_dataset(
+        root, volumes=1, slices=3, shape_kspace=(64, 64), recon_size=(64, 64), coils=4, quiet=True
+    )
+    return root
+
+
+@pytest.mark.parametrize("like", [None, "pydicom", "dcm2niix"])
+def test_segmentation_to_nifti_in_the_series_grid(tmp_path, capsys, sim_dicom, like):
+    """The SEG's labels in the series' grid equal the simulated label NIfTI; with ``--like`` they
+    take that image's voxel layout (dcm2niix stores the rows flipped) and its affine."""
+    series, seg = sim_dicom / "dicom" / "sim_000", sim_dicom / "dicom" / "sim_000_seg.dcm"
+    truth = read_nifti(sim_dicom / "nifti" / "sim_000_labels.nii.gz")
+    out = tmp_path / "labels.nii.gz"
+    options = []
+    if like is not None:
+        image = tmp_path / "image.nii.gz"
+        assert run(capsys, "convert", series, image, "--method", like)[0] == 0
+        options = ["--like", image]
+    code, printed, _ = run(capsys, "convert", seg, out, "--reference", series, *options)
+    assert code == 0 and f"wrote {out}" in printed
+    labels = read_nifti(out)
+    assert (
+        set(np.unique(labels.array)) == set(np.unique(truth.array))
+        and len(np.unique(truth.array)) > 2
+    )
+    if like is None:
+        np.testing.assert_allclose(labels.affine, truth.affine, atol=1e-6)
+        np.testing.assert_array_equal(labels.array, truth.array)
+    else:
+        np.testing.assert_allclose(labels.affine, read_nifti(image).affine, atol=1e-6)
+        assert labels.array.shape == read_nifti(image).array.shape
+        canonical = [
+            nib.as_closest_canonical(nib.Nifti1Image(v.array, v.affine)) for v in (labels, truth)
+        ]
+        np.testing.assert_array_equal(*(np.asarray(c.dataobj) for c in canonical))
+    record = assert_provenance(sidecar_path(out), seg, *sorted(series.glob("*.dcm")))
+    assert record["parameters"]["class_names"]["5"] == TISSUE_CLASSES[5]
+
+
+def test_segmentation_to_nifti_bad_input_exit_2(tmp_path, capsys, sim_dicom):
+    series, seg = sim_dicom / "dicom" / "sim_000", sim_dicom / "dicom" / "sim_000_seg.dcm"
+    other = tmp_path / "other"
+    other.mkdir()
+    for k, ds in enumerate(make_slices(3)):  # another series: no image of it is in the SEG
+        ds.save_as(other / f"IM{k}.dcm")
+    cases = [
+        (["convert", seg, tmp_path / "a.nii.gz"], "--reference"),
+        (["convert", seg, tmp_path / "b.nii.gz", "--reference", other], "outside the series"),
+        (
+            ["convert", seg, tmp_path / "c.nii.gz", "--reference", series, "--like", ANATOMICAL],
+            ANATOMICAL,
+        ),
+        (["convert", series, tmp_path / "d.nii.gz", "--like", ANATOMICAL], "--like"),
+    ]
+    for argv, named in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.startswith("kscan: error: ") and err.count("\n") == 1, err
+        assert str(named) in err
+    assert not list(tmp_path.glob("*.nii.gz"))
 
 
 def write_mrd(path, kspace: np.ndarray) -> None:
