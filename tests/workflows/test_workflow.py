@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from kscan.pipelines.cli import main
+from kscan.pipelines.io.nifti import read_nifti
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / "workflows"
@@ -178,6 +180,13 @@ def test_tiny_real_run_whole_chain(data, tmp_path):
             header = f.readline().split(",")
         assert {"ssim", "psnr", "nmse", "dice_1"} <= set(header)
     assert (results / "scan" / "segment" / "image" / "vmunet.nii.gz").is_file()  # the DICOM case
+    # its DICOM SEG (beside the series in the input folder) became reference labels
+    labels = read_nifti(tmp_path / "ingest" / "dicom" / "scan_labels.nii.gz")
+    image = read_nifti(tmp_path / "ingest" / "dicom" / "scan.nii.gz")
+    assert labels.array.shape == image.array.shape and labels.array.max() > 0
+    np.testing.assert_allclose(labels.affine, image.affine, atol=1e-6)
+    with open(results / "scan" / "metrics" / "image" / "vmunet.csv") as f:
+        assert "dice_1" in f.readline().split(",")
     assert not (results / "kspace" / "undersampled").exists() or not any(
         (results / "kspace" / "undersampled").iterdir()
     )
@@ -185,11 +194,8 @@ def test_tiny_real_run_whole_chain(data, tmp_path):
     assert (tmp_path / "logs" / "report.log").is_file()
     page = (results / "report.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
-    assert (
-        "Reconstruction metrics" in page
-        and "<td>kspace</td>" in page
-        and "<td>scan</td>" not in page
-    )
+    assert "Reconstruction metrics" in page and "<td>kspace</td>" in page
+    assert "Segmentation metrics" in page and "<td>scan</td>" in page  # the DICOM case's scores
     assert "Rule timings" in page and "<td>segment_image</td>" in page
     again = snakemake(tmp_path, base_config(data), "--cores", "2")
     assert again.returncode == 0

@@ -134,7 +134,15 @@ def checkpoint_inputs(kind, name):
 def dicom_cases():
     """Cases converted from DICOM (known once the ingest_dicom checkpoint has run)."""
     folder = Path(checkpoints.ingest_dicom.get().output[0])
-    return sorted(file_stem(p) for p in folder.glob("*.nii.gz"))
+    return sorted(s for s in map(file_stem, folder.glob("*.nii.gz")) if not s.endswith(LABELS))
+
+
+def has_labels(case):
+    """Whether an image case has reference labels: <stem>_labels.nii(.gz) beside a NIfTI input,
+    or, for a DICOM case, its DICOM SEG converted beside its volume by ingest_dicom."""
+    if case in NIFTI:
+        return case in NIFTI_WITH_LABELS
+    return Path(image_path(case)).with_name(f"{case}{LABELS}.nii.gz").is_file()
 
 
 def image_path(case):
@@ -257,7 +265,7 @@ def case_results(case):
                     files += [f"results/{case}/metrics/{setting}/{method}/{m}.csv" for m in metric_models()]
     else:
         files += [f"results/{case}/segment/image/{m}.nii.gz" for m in SEG_MODELS]
-        if case in NIFTI_WITH_LABELS:
+        if has_labels(case):
             files += [f"results/{case}/metrics/image/{m}.csv" for m in SEG_MODELS]
     return files
 

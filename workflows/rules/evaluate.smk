@@ -1,6 +1,7 @@
 # Metrics: every reconstruction against its case's fully sampled target (SSIM, PSNR, NMSE) and,
 # per segmentation model, its labels against the target's (Dice, IoU, HD95); image inputs with
-# labels beside them get the label scores of their segmentations. `kscan evaluate` finds the
+# labels beside them (for DICOM series: a DICOM SEG of the series, converted by ingest_dicom) get
+# the label scores of their segmentations. `kscan evaluate` finds the
 # prediction's labels in <stem>_labels.nii.gz beside it, so each job links the reconstruction and
 # its labels into a temporary folder under one stem. Segmentation model "none": no labels.
 
@@ -33,9 +34,9 @@ rule evaluate_recon:
 
 rule evaluate_image:
     input:
-        image=lambda wc: str(NIFTI[wc.case]),
+        image=lambda wc: image_path(wc.case),
         labels="results/{case}/segment/image/{model}.nii.gz",
-        target=lambda wc: str(NIFTI[wc.case]),
+        target=lambda wc: image_path(wc.case),
     output:
         "results/{case}/metrics/image/{model}.csv",
     params:

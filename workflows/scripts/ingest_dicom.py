@@ -1,6 +1,9 @@
 """Snakemake script of the ingest_dicom checkpoint: find DICOM MR series, convert each to NIfTI.
 
 Runs ``kscan info --json`` to list the series of a folder and ``kscan convert`` to convert one.
+A DICOM SEG under the input folder that segments a converted series becomes that case's reference
+labels, ``<case>_labels.nii.gz`` beside its volume, in the volume's voxel layout (``kscan convert
+SEG --reference SERIES --like VOLUME``); the evaluate rules score segmentations against them.
 Inputs come from ``snakemake.params``: ``sources`` ({case: folder} from the sample sheet, or None
 to search ``root``), ``known`` (case names already taken) and ``case_pattern``. The NIfTI files
 go to a ``.partial`` folder that is renamed to the output folder when all are written, so an
@@ -12,7 +15,10 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+
+import pydicom
 
 SKIPPED_SUFFIXES = (".h5", ".hdf5", ".nii", ".nii.gz", ".json", ".tsv", ".csv")
 
@@ -31,6 +37,26 @@ def dicom_folders(root):
         if p.is_file() and not p.name.endswith(SKIPPED_SUFFIXES) and is_dicom_file(p)
     }
     return sorted(folders, key=lambda p: (-len(p.parts), str(p)))
+
+
+def segmentations(root):
+    """{SeriesInstanceUID: DICOM SEG file segmenting it} of the SEG files under root (the first by
+    path when a series has several; the others are reported on stderr)."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.name.endswith(SKIPPED_SUFFIXES) or not is_dicom_file(path):
+            continue
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if ds.get("Modality") != "SEG" or not ds.get("ReferencedSeriesSequence"):
+            continue
+        uid = str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
+        if uid in found:
+            print(
+                f"{path}: a second DICOM SEG of series {uid}; using {found[uid]}", file=sys.stderr
+            )
+            continue
+        found[uid] = path
+    return found
 
 
 def mr_series(folder, log):
@@ -83,12 +109,20 @@ def convert_dicom(sources, root, known, case_pattern, out_dir, log):
     tmp = out_dir.with_name(f"{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    labels = segmentations(Path(root))
     for case, folder, uid in jobs:
         target = tmp / f"{case}.nii.gz"
-        cmd = ["kscan", "convert", str(folder), str(target), "--series", uid]
+        commands = [["kscan", "convert", str(folder), str(target), "--series", uid]]
+        if uid in labels:
+            seg_nifti = tmp / f"{case}_labels.nii.gz"
+            commands.append(
+                ["kscan", "convert", str(labels[uid]), str(seg_nifti), "--reference", str(folder)]
+                + ["--series", uid, "--like", str(target)]
+            )
         with open(log, "a") as err:
-            print("$", shlex.join(cmd), file=err, flush=True)
-            subprocess.run(cmd, check=True, stdout=err, stderr=err)
+            for cmd in commands:
+                print("$", shlex.join(cmd), file=err, flush=True)
+                subprocess.run(cmd, check=True, stdout=err, stderr=err)
     tmp.rename(out_dir)
 
 
