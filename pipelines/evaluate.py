@@ -25,7 +25,8 @@ With ``--labels``, pairs whose both sides have label volumes also get Dice, IoU 
 1 .. C-1 (:func:`kscan.pipelines.metrics.segmentation_metrics`; C from ``--num-classes``, else the
 largest label in the pair + 1). Labels are the ``segmentation`` dataset of an HDF5 file or the
 ``<stem>_labels.nii.gz`` (or ``.nii``) file beside the volume. HD95 is in mm when the target's
-labels are NIfTI (from its voxel size), in voxels otherwise; a class absent from exactly one side
+labels come with a voxel size (a NIfTI's; an HDF5 file's ISMRMRD header's recon field of view over
+the recon matrix), in voxels otherwise; a class absent from exactly one side
 gives ``inf``. The last row is the mean over volumes of each column (blank cells left out).
 """
 
@@ -49,7 +50,7 @@ from tqdm import tqdm
 from kscan.errors import ConfigError, FileFormatError, KscanError, ShapeError
 from kscan.pipelines.atomic import write_text
 from kscan.pipelines.cli_args import add_quiet
-from kscan.pipelines.io.fastmri import SEGMENTATION, TARGET_KEYS
+from kscan.pipelines.io.fastmri import SEGMENTATION, TARGET_KEYS, header_voxel_size_mm
 from kscan.pipelines.io.nifti import nifti_array_to_volume, read_nifti
 from kscan.pipelines.metrics import reconstruction_metrics, segmentation_metrics
 
@@ -194,6 +195,8 @@ def _read(path: Path, h5_keys: Sequence[str], with_labels: bool) -> Volume:
         stored = _h5_read(path, (SEGMENTATION,))[1] if with_labels else None
         if stored is not None:
             labels = _as_labels(stored, path)
+            voxel = header_voxel_size_mm(path)  # (dH, dW, dZ), when the header gives it
+            spacing = None if voxel is None else (voxel[2], voxel[0], voxel[1])
     if with_labels and labels is None:
         beside = _labels_beside(path)
         if beside is not None:

@@ -37,7 +37,7 @@ from pydicom.misc import is_dicom
 
 from kscan.errors import FileFormatError, ShapeError
 from kscan.pipelines.io.dicom import read_series
-from kscan.pipelines.io.fastmri import TARGET_KEYS, FastMRIFile
+from kscan.pipelines.io.fastmri import TARGET_KEYS, header_voxel_size_mm
 from kscan.pipelines.io.nifti import axial_affine, nifti_array_to_volume, read_nifti
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -172,14 +172,9 @@ def _read_h5(path: Path) -> SegInput:
                     f"({', '.join(TARGET_KEYS.values())}) dataset; found {keys}"
                 )
             volume = _real_volume(np.asarray(f[key]), path)
-            has_header = "kspace" in f and "ismrmrd_header" in f
     except OSError as err:
         raise FileFormatError(f"{path}: not a readable HDF5 file ({err})") from None
-    voxel = (1.0, 1.0, 1.0)
-    if has_header:
-        with FastMRIFile(path) as fastmri:
-            meta = fastmri.metadata
-        voxel = meta.voxel_size_mm
+    voxel = header_voxel_size_mm(path) or (1.0, 1.0, 1.0)
     return SegInput(path, "h5", volume, axial_affine(volume.shape, voxel), (path,))
 
 

@@ -164,6 +164,18 @@ class FastMRIMetadata:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
 
+def header_voxel_size_mm(path: str | Path) -> tuple[float, float, float] | None:
+    """``(dH, dW, dZ)`` in mm of a fastMRI file's recon grid (:attr:`FastMRIMetadata.voxel_size_mm`)
+    when it holds k-space and an ISMRMRD header with a recon field of view; None otherwise (for
+    example a file of reconstructions only), when the voxel size is unknown."""
+    with h5py.File(path, "r") as f:
+        if "kspace" not in f or "ismrmrd_header" not in f:
+            return None
+    with FastMRIFile(path) as fastmri:
+        meta = fastmri.metadata
+    return None if meta.recon_fov_mm is None else meta.voxel_size_mm
+
+
 def _has_kind(dtype: np.dtype, kind: str) -> bool:
     """Whether ``dtype`` holds ``kind`` values: "complex", "real" (floating) or "labels" (integer/bool)."""
     if kind == "labels":

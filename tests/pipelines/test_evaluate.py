@@ -216,6 +216,32 @@ def test_hd95_uses_the_target_nifti_voxel_size(tmp_path, capsys):
     assert float(row["dice_1"]) == pytest.approx(0.5)
 
 
+def test_hd95_uses_the_hdf5_targets_header_voxel_size(tmp_path, capsys):
+    """A fastMRI target's labels are in its recon grid: HD95 in mm from the header's recon field
+    of view over the recon matrix, ``(dH, dW, dZ) = (0.7, 1.1, 3.0)``."""
+    target = np.zeros((S, H, W), dtype=np.uint8)
+    target[:, 10:20, 5:7] = 1
+    pred = np.roll(target, 1, axis=-1)  # shifted by one column: 1 voxel along W
+    kspace = np.random.default_rng(0).standard_normal((S, 2, H, W)).astype(np.complex64)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "p").mkdir()
+    write_fastmri(
+        tmp_path / "t" / "v.h5",
+        kspace,
+        image(0),
+        segmentation=target,
+        voxel_size_mm=(0.7, 1.1, 3.0),
+    )
+    write_nifti_prediction(tmp_path / "p" / "v.nii.gz", image(1))
+    write_nifti_prediction(tmp_path / "p" / "v_labels.nii.gz", pred)
+    assert (
+        run(capsys, tmp_path / "p", tmp_path / "t", "--labels", "--csv", tmp_path / "m.csv")[0] == 0
+    )
+    row = read_csv(tmp_path / "m.csv")[0]
+    assert float(row["hd95_1"]) == pytest.approx(1.1)
+    assert float(row["dice_1"]) == pytest.approx(0.5)
+
+
 def test_missing_pairs_are_listed(dataset, capsys):
     root, volumes = dataset
     write_target(root / "targets" / "c.h5", volumes["a"][0])
