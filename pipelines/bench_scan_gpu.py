@@ -150,7 +150,7 @@ def relative_errors(
 ) -> dict[str, float]:
     """``|out - ref| / |ref|`` (Frobenius norms) of ``y`` and, when ``grad`` is given, of every
     input's gradient, against the ``torch`` backend on float64 copies of the same inputs."""
-    reference = resolve_backend(grad.device if grad is not None else x["u"].device, "torch")[1]
+    reference = resolve_backend(x["u"].device, "torch")[1]
     tensors = {k: v for k, v in x.items() if isinstance(v, torch.Tensor)}
     wide = {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
     flags = {k: v for k, v in x.items() if k not in tensors}

@@ -136,21 +136,18 @@ def _read_nifti(path: Path) -> SegInput:
 def _read_dicom(path: Path) -> SegInput:
     series = read_series(path)
     volume = _real_volume(nifti_array_to_volume(series.array, path), path)
-    files = {file for file, _ in series.slices}
-    frames = [frame for _, frame in series.slices]
+    frames = [source.frame for source in series.slices]
     single_frame = all(frame is None for frame in frames)
-    one_multiframe = len(files) == 1 and None not in frames
-    slot = np.empty(len(frames), dtype=np.int64)  # frame -> slice, for one multi-frame file
-    if one_multiframe:
-        slot[frames] = np.arange(len(frames))
+    one_multiframe = len(series.info.files) == 1 and None not in frames
     return SegInput(
         path,
         "dicom",
         volume,
         series.affine,
         series.info.files,
-        dicom_slices=tuple(file for file, _ in series.slices) if single_frame else None,
-        dicom_frames=tuple(int(k) for k in slot) if one_multiframe else None,
+        dicom_slices=tuple(source.path for source in series.slices) if single_frame else None,
+        # the slice of each frame: the inverse of the frame order of the slices
+        dicom_frames=tuple(int(k) for k in np.argsort(frames)) if one_multiframe else None,
     )
 
 

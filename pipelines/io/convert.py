@@ -35,7 +35,7 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from kscan.errors import ConfigError, FileFormatError, ShapeError
 from kscan.pipelines.atomic import atomic_path
-from kscan.pipelines.io.dicom import SeriesInfo, read_series, select_series
+from kscan.pipelines.io.dicom import SeriesInfo, read_series, read_series_layout, select_series
 from kscan.pipelines.io.dicom_seg import read_segmentation
 from kscan.pipelines.io.dicom_write import write_mr_series
 from kscan.pipelines.io.nifti import read_nifti, volume_to_nifti_array, write_nifti
@@ -237,13 +237,10 @@ def segmentation_to_nifti(
     if not out.name.endswith((".nii", ".nii.gz")):
         raise FileFormatError(f"{out}: expected a .nii or .nii.gz output path")
     seg = read_segmentation(src)
-    series = read_series(reference, reference_series)
-    uid_of = {
-        file: str(pydicom.dcmread(file, stop_before_pixels=True).SOPInstanceUID)
-        for file in {file for file, _ in series.slices}
-    }
+    series = read_series_layout(reference, reference_series)
     slice_keys = [
-        (uid_of[file], None if frame is None else frame + 1) for file, frame in series.slices
+        (source.sop_uid, None if source.frame is None else source.frame + 1)
+        for source in series.slices
     ]
     frames = seg.source_frame_numbers or [None] * len(seg.source_sop_instance_uids)
     seg_keys = list(zip(seg.source_sop_instance_uids, frames, strict=True))

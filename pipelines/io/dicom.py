@@ -70,15 +70,32 @@ class SeriesInfo:
     files: tuple[Path, ...] = field(repr=False)
 
 
+class SliceSource(NamedTuple):
+    """Where one slice of a series comes from: its file, its frame (from 0) in a multi-frame file
+    (None for a single-frame file) and the file's SOP Instance UID."""
+
+    path: Path
+    frame: int | None
+    sop_uid: str
+
+
+class SeriesLayout(NamedTuple):
+    """A series' geometry without its pixels: RAS ``affine`` (4, 4) of the ``(columns, rows,
+    slices)`` array, ``info``, and ``slices[k]``, the source of slice ``k``."""
+
+    affine: np.ndarray
+    info: SeriesInfo
+    slices: tuple[SliceSource, ...]
+
+
 class DicomVolume(NamedTuple):
     """A series as a volume: ``array`` (columns, rows, slices) float32, RAS ``affine`` (4, 4);
-    ``slices[k]``: the file slice ``k`` came from and its frame (from 0) in a multi-frame file,
-    None for a single-frame file."""
+    ``slices[k]``: the source of slice ``k``."""
 
     array: np.ndarray
     affine: np.ndarray
     info: SeriesInfo
-    slices: tuple[tuple[Path, int | None], ...] = ()
+    slices: tuple[SliceSource, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,23 @@ def read_series(
     files without pixel data, missing geometry tags, mixed orientations or matrix sizes,
     duplicate or unevenly spaced slice positions, and undecodable pixel data.
     """
+    layout, frames, order = _layout(path, series, require_mr)
+    return DicomVolume(_read_pixels(frames, order), *layout)
+
+
+def read_series_layout(
+    path: str | Path, series: int | str | None = None, *, require_mr: bool = True
+) -> SeriesLayout:
+    """:func:`read_series`'s geometry and slice sources, from the headers alone (no pixel data
+    decoded); the same checks except those of the pixel data."""
+    return _layout(path, series, require_mr)[0]
+
+
+def _layout(
+    path: str | Path, series: int | str | None, require_mr: bool
+) -> tuple[SeriesLayout, list[_Frame], np.ndarray]:
+    """The layout of one series, its frames and the slice order (``frames[order[k]]`` is slice
+    ``k``)."""
     info, headers = _select(_scan(Path(path)), series, Path(path))
     if require_mr:
         for file, ds in zip(info.files, headers, strict=True):
@@ -133,8 +167,14 @@ def read_series(
         frame for file, ds in zip(info.files, headers, strict=True) for frame in _frames(file, ds)
     ]
     order, affine = _stack_geometry(frames, Path(path))
-    slices = tuple((frames[i].path, frames[i].index) for i in order)
-    return DicomVolume(_read_pixels(frames, order), affine, info, slices)
+    uid_of = {
+        file: str(ds.get("SOPInstanceUID", ""))
+        for file, ds in zip(info.files, headers, strict=True)
+    }
+    slices = tuple(
+        SliceSource(frames[i].path, frames[i].index, uid_of[frames[i].path]) for i in order
+    )
+    return SeriesLayout(affine, info, slices), frames, order
 
 
 def _scan(root: Path) -> list[tuple[SeriesInfo, list[Dataset]]]:

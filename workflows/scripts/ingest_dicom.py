@@ -46,7 +46,9 @@ def segmentations(root):
     for path in sorted(root.rglob("*")):
         if not path.is_file() or path.name.endswith(SKIPPED_SUFFIXES) or not is_dicom_file(path):
             continue
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["Modality", "ReferencedSeriesSequence"]
+        )
         if ds.get("Modality") != "SEG" or not ds.get("ReferencedSeriesSequence"):
             continue
         uid = str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
