@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kscan.kernels.triton_compile import KernelVariant
+
 try:
     import triton
     import triton.language as tl
@@ -95,6 +97,30 @@ if triton is not None:
         key only, since ``triton.jit`` reads ``TRITON_INTERPRET`` itself."""
         del interpret
         return triton.jit(_cross_kernel)
+
+
+def gpu_variants() -> list[KernelVariant]:
+    """The kernel's scan and merge as VM-UNet's four routes launch them on GPUs (Triton's default
+    4 warps), for :func:`kscan.kernels.triton_compile.compile_variant`; empty without Triton."""
+    if triton is None:
+        return []
+    codes = sum(index << (2 * index) for index in range(len(FUSED_ROUTES)))
+    return [
+        KernelVariant(
+            "cross_merge" if merge else "cross_scan",
+            _jitted(_interpreting()),
+            {
+                "CODES": codes,
+                "K": len(FUSED_ROUTES),
+                "MERGE": merge,
+                "BLOCK_H": _GPU_BLOCK,
+                "BLOCK_W": _GPU_BLOCK,
+            },
+            4,
+            frozenset({"src_ptr", "dst_ptr"}),
+        )
+        for merge in (False, True)
+    ]
 
 
 def _launch(src: torch.Tensor, dst: torch.Tensor, routes: tuple[str, ...], merge: bool) -> None:

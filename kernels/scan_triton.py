@@ -11,14 +11,27 @@ channels and states at once with ``(a1, b1) ∘ (a2, b2) = (a1 a2, a2 b1 + b2)``
 ``h_t = P_t h_start + Q_t``. The state carries into the next chunk; the state entering each chunk
 is saved, ``(batch, D, n_chunks, N)`` in float32, for the backward pass.
 
-Backward: the same programs walk the chunks in reverse. Each recomputes its chunk's states from the
-saved chunk-start state, then runs the reverse scan ``dh_t = C_t g_t + exp(Δ_{t+1} A) dh_{t+1}``
-(``g`` is the gradient of ``y`` before the gate) as a forward scan over the chunk read backwards
-(``tl.associative_scan(reverse=True)`` is wrong for non-commutative maps on GPUs, triton issue
-#4362), and forms every gradient with the formulas of SPECS §5; ``exp(Δ_t A) h_{t-1} = h_t - Δ_t B_t u_t``
-avoids storing ``h_{t-1}``. ``dB`` and ``dC`` sum over the channels of a group: each program writes
-its block's partial sum, and torch sums the partials afterwards (deterministic, no atomics). For
-that a channel block never straddles two groups: ``BLOCK_D`` divides ``D / G``.
+Backward, in three steps over the saved chunk-start states. The reverse recurrence
+``dh_t = C_t g_t + exp(Δ_{t+1} A) dh_{t+1}`` (``g`` is the gradient of ``y`` before the gate) is
+affine in ``dh`` too, so it takes the forward's chunk-parallel shape:
+
+1. every chunk's adjoint map at once, ``dh_start = decay dh_next + offset`` (``dh_next``: ``dh`` at
+   the next chunk's first step), from a forward scan over the chunk read backwards
+   (``tl.associative_scan(reverse=True)`` is wrong for non-commutative maps on GPUs, triton issue
+   #4362); grid (D / BLOCK_D, batch, n_chunks);
+2. the maps composed from the last chunk to the first (the forward's state passing, reversed),
+   giving ``dh_next`` of every chunk;
+3. one program per (batch, group, chunk), or per split of a group's channels when that leaves the
+   GPU idle: it walks the group's channel blocks, recomputes each block's states and ``dh`` in
+   the chunk from the saved states and ``dh_next``, and forms every gradient with the formulas of
+   SPECS §5 (``exp(Δ_t A) h_{t-1} = h_t - Δ_t B_t u_t`` avoids storing ``h_{t-1}``).
+
+``dB`` and ``dC`` sum over a group's channels: step 3 adds the blocks' contributions in a fixed
+order in registers and writes ``dB, dC`` once per (batch, group, split, chunk); torch adds the
+few splits (deterministic, no atomics). Writing one partial sum per channel block instead would
+move ``2 N / BLOCK_D`` floats per input element, several times the scan's own traffic. ``dA`` and
+``dD`` are written per chunk and summed by torch. A channel block never straddles two groups:
+``BLOCK_D`` divides ``D / G``.
 
 Chunk-parallel forward, for inputs too small to fill a GPU with one program per channel block
 (batch-1 inference): every chunk's map ``h_end = decay h_start + offset`` at once, then one pass
@@ -35,6 +48,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from kscan.kernels.triton_compile import KernelVariant
 
 try:
     import triton
@@ -58,6 +73,13 @@ _GPU_BLOCK_L = 64
 _MAX_BLOCK_D = 16  # under the interpreter: few, large programs
 _GPU_FIXED_BLOCK_D = 4  # on GPUs, where BLOCK_D is not autotuned (backward, chunk-parallel forward)
 _PROGRAMS_PER_SM = 2  # below this many (batch, channel block) programs per SM: chunk-parallel
+_GRAD_PROGRAMS_PER_SM = 4  # backward step 3 splits channels until it has this many programs per SM
+# the sequential forward's autotuning candidates (BLOCK_D, warps)
+_FWD_TUNING = ((1, 2), (2, 2), (2, 4), (4, 4), (8, 4), (8, 8))
+_WARPS_TUNING = (2, 4, 8)  # the other kernels' warps
+# backward step 3's warps: with 2, ptxas spills about 880 bytes per thread (kscan bench triton-build)
+_GRAD_WARPS_TUNING = (4, 8)
+_ACTIVATION_PTRS = frozenset({"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dy_ptr"})
 
 
 def triton_available() -> bool:
@@ -120,14 +142,13 @@ if triton is not None:
 
     @triton.jit
     def _program_block(
-        A_ptr, D_ptr, bias_ptr, Dch, N, CPG, G,
+        A_ptr, D_ptr, bias_ptr, pid_d, pid_b, Dch, N, CPG, G,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
     ):  # fmt: skip
-        """Rows and parameters of this program's channel block: ``row`` (BLOCK_D,) indexes
-        ``(batch, D)``, ``bc_row`` (N_PAD,) the block's group in ``(batch, G, N)``, ``state``
-        (BLOCK_D, N_PAD) ``(batch, D, N)``; ``A``, ``D`` (0 if absent) and ``delta_bias`` in float32."""
-        pid_d = tl.program_id(0)
-        pid_b = tl.program_id(1)
+        """Rows and parameters of channel block ``pid_d`` of batch ``pid_b``: ``row`` (BLOCK_D,)
+        indexes ``(batch, D)``, ``bc_row`` (N_PAD,) the block's group in ``(batch, G, N)``,
+        ``state`` (BLOCK_D, N_PAD) ``(batch, D, N)``; ``A``, ``D`` (0 if absent) and
+        ``delta_bias`` in float32."""
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, N_PAD)
         mask_n = offs_n < N
@@ -151,16 +172,25 @@ if triton is not None:
         """Chunk ``c``: times ``t``, their mask, offsets ``seq`` into ``(batch, D, L)``, and ``u``,
         ``x = delta + bias``, ``Δ`` (BLOCK_D, BLOCK_L), ``B``, ``C`` (N_PAD, BLOCK_L) in float32,
         zero where masked."""
-        t = c * BLOCK_L + tl.arange(0, BLOCK_L)
-        mask = (t < L)[None, :]
-        seq = row[:, None] * L + t[None, :]
-        bc = bc_row[:, None] * L + t[None, :]
-        mask_bc = mask_n[:, None] & mask
+        t, mask, seq = _chunk_steps(c, L, row, BLOCK_L)
         u = tl.load(u_ptr + seq, mask=mask, other=0.0).to(tl.float32)
         x, dt = _load_delta(delta_ptr, seq, mask, bias, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_ptr + bc, mask=mask_bc, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc, mask=mask_bc, other=0.0).to(tl.float32)
+        Bt = _load_bc(B_ptr, t, L, mask, bc_row, mask_n)
+        Ct = _load_bc(C_ptr, t, L, mask, bc_row, mask_n)
         return t, mask, seq, u, x, dt, Bt, Ct
+
+    @triton.jit
+    def _chunk_steps(c, L, row, BLOCK_L: tl.constexpr):
+        """Chunk ``c``'s times ``t`` (BLOCK_L,), their mask (1, BLOCK_L) and offsets ``seq``
+        (BLOCK_D, BLOCK_L) into ``(batch, D, L)``."""
+        t = c * BLOCK_L + tl.arange(0, BLOCK_L)
+        return t, (t < L)[None, :], row[:, None] * L + t[None, :]
+
+    @triton.jit
+    def _load_bc(ptr, t, L, mask, bc_row, mask_n):
+        """``B`` or ``C`` at times ``t``: (N_PAD, BLOCK_L) in float32, zero where masked."""
+        offs = bc_row[:, None] * L + t[None, :]
+        return tl.load(ptr + offs, mask=mask_n[:, None] & mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _chunk_scan(u, dt, A, Bt):
@@ -202,8 +232,9 @@ if triton is not None:
     ):  # fmt: skip
         """Sequential over chunks: grid (D / BLOCK_D, batch)."""
         row, bc_row, state, mask_n, A, Dv, bias = _program_block(
-            A_ptr, D_ptr, bias_ptr, Dch, N, CPG, G, HAS_D, HAS_BIAS, BLOCK_D, N_PAD
-        )
+            A_ptr, D_ptr, bias_ptr, tl.program_id(0), tl.program_id(1), Dch, N, CPG, G,
+            HAS_D, HAS_BIAS, BLOCK_D, N_PAD,
+        )  # fmt: skip
         h = tl.full([BLOCK_D, N_PAD], 0.0, tl.float32)
         if HAS_H0:
             h = tl.load(h0_ptr + state, mask=mask_n[None, :], other=0.0).to(tl.float32)
@@ -230,8 +261,9 @@ if triton is not None:
         state entering it, ``h_end = decay h_start + offset``."""
         c = tl.program_id(2)
         row, bc_row, _, mask_n, A, _, bias = _program_block(
-            A_ptr, A_ptr, bias_ptr, Dch, N, CPG, G, False, HAS_BIAS, BLOCK_D, N_PAD
-        )
+            A_ptr, A_ptr, bias_ptr, tl.program_id(0), tl.program_id(1), Dch, N, CPG, G,
+            False, HAS_BIAS, BLOCK_D, N_PAD,
+        )  # fmt: skip
         _, _, _, u, _, dt, Bt, _ = _load_chunk(
             u_ptr, delta_ptr, B_ptr, C_ptr, c, L, row, bc_row, mask_n, bias,
             HAS_BIAS, SOFTPLUS, BLOCK_L,
@@ -245,10 +277,12 @@ if triton is not None:
     def _state_passing_kernel(
         decay_ptr, offset_ptr, h0_ptr, h_last_ptr, states_ptr,
         Dch, N, n_chunks,
-        HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
+        HAS_H0: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
     ):  # fmt: skip
         """Chunk-parallel step 2, grid (D / BLOCK_D, batch): compose the chunk maps in order to
-        get the state entering each chunk, and the last state."""
+        get the state entering each chunk, and the last state. With ``REVERSE`` (backward step 2)
+        the chunks go last to first: ``h0`` is then the last state's gradient, ``states`` gets
+        ``dh`` at the first step after each chunk, and ``h_last`` ``dh`` at step 0."""
         row = (tl.program_id(1) * Dch + tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)).to(
             tl.int64
         )
@@ -257,7 +291,10 @@ if triton is not None:
         h = tl.full([BLOCK_D, N_PAD], 0.0, tl.float32)
         if HAS_H0:
             h = tl.load(h0_ptr + state, mask=mask_n, other=0.0).to(tl.float32)
-        for c in range(n_chunks):
+        for i in range(n_chunks):
+            c = i
+            if REVERSE:
+                c = n_chunks - 1 - i
             offs = _chunk_state(row, c, n_chunks, N, N_PAD)
             tl.store(states_ptr + offs, h, mask=mask_n)
             h = tl.load(decay_ptr + offs, mask=mask_n, other=1.0) * h + tl.load(
@@ -277,8 +314,9 @@ if triton is not None:
         state entering it and write ``y``."""
         c = tl.program_id(2)
         row, bc_row, _, mask_n, A, Dv, bias = _program_block(
-            A_ptr, D_ptr, bias_ptr, Dch, N, CPG, G, HAS_D, HAS_BIAS, BLOCK_D, N_PAD
-        )
+            A_ptr, D_ptr, bias_ptr, tl.program_id(0), tl.program_id(1), Dch, N, CPG, G,
+            HAS_D, HAS_BIAS, BLOCK_D, N_PAD,
+        )  # fmt: skip
         _, mask, seq, u, _, dt, Bt, Ct = _load_chunk(
             u_ptr, delta_ptr, B_ptr, C_ptr, c, L, row, bc_row, mask_n, bias,
             HAS_BIAS, SOFTPLUS, BLOCK_L,
@@ -290,67 +328,112 @@ if triton is not None:
         _store_y(y_ptr, z_ptr, seq, mask, p * h_start[:, :, None] + q, Ct, u, Dv, HAS_Z)
 
     @triton.jit
-    def _scan_bwd_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr,
-        dy_ptr, dh_last_ptr,
-        du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr, dh0_ptr,
+    def _load_output_grad(dy_ptr, z_ptr, seq, mask, HAS_Z: tl.constexpr):
+        """``(dy, z, sigmoid(z), g)`` at ``seq`` in float32, where ``g = dy z sigmoid(z)`` is the
+        gradient of ``y`` before the gate (without a gate ``g`` is ``dy``, and so are the unused
+        ``z`` and ``sigmoid(z)``)."""
+        dy = tl.load(dy_ptr + seq, mask=mask, other=0.0).to(tl.float32)
+        z = dy
+        sig = dy
+        g = dy
+        if HAS_Z:
+            z = tl.load(z_ptr + seq, mask=mask, other=0.0).to(tl.float32)
+            sig = _sigmoid(z)
+            g = dy * z * sig
+        return dy, z, sig, g
+
+    @triton.jit
+    def _reverse_chunk_scan(
+        delta_ptr, row, c, L, A, bias, Ct, g,
+        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_L: tl.constexpr,
+        LOG2_L: tl.constexpr,
+    ):  # fmt: skip
+        """The chunk's adjoint steps composed from its end: ``dh`` at the chunk's times read
+        backwards is ``p dh_next + q`` (BLOCK_D, N_PAD, BLOCK_L), ``dh_next`` being ``dh`` at the
+        next chunk's first step. Step ``s`` is time ``t = end - s``, whose map is
+        ``dh_{t+1} -> C_t g_t + exp(Δ_{t+1} A) dh_{t+1}``; ``Δ_L = 0`` passes the last state's
+        gradient on unchanged."""
+        t_r = c * BLOCK_L + (BLOCK_L - 1) - tl.arange(0, BLOCK_L)
+        _, dt_next = _load_delta(
+            delta_ptr, row[:, None] * L + t_r[None, :] + 1, (t_r + 1 < L)[None, :], bias,
+            HAS_BIAS, SOFTPLUS,
+        )  # fmt: skip
+        decay_next = tl.exp(dt_next[:, None, :] * A[:, :, None])
+        cg_rev = _flip_last(Ct, LOG2_L)[None, :, :] * _flip_last(g, LOG2_L)[:, None, :]
+        return tl.associative_scan((decay_next, cg_rev), axis=2, combine_fn=_affine_combine)
+
+    @triton.jit
+    def _chunk_grad_maps_kernel(
+        delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, decay_ptr, offset_ptr,
         Dch, L, N, CPG, G, n_chunks,
+        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BLOCK_L: tl.constexpr, LOG2_L: tl.constexpr,
+    ):  # fmt: skip
+        """Backward step 1, grid (D / BLOCK_D, batch, n_chunks): each chunk's adjoint map
+        ``dh_start = decay dh_next + offset`` (``dh`` at its first step from ``dh`` at the next
+        chunk's first step)."""
+        c = tl.program_id(2)
+        row, bc_row, _, mask_n, A, _, bias = _program_block(
+            A_ptr, A_ptr, bias_ptr, tl.program_id(0), tl.program_id(1), Dch, N, CPG, G,
+            False, HAS_BIAS, BLOCK_D, N_PAD,
+        )  # fmt: skip
+        t, mask, seq = _chunk_steps(c, L, row, BLOCK_L)
+        _, _, _, g = _load_output_grad(dy_ptr, z_ptr, seq, mask, HAS_Z)
+        Ct = _load_bc(C_ptr, t, L, mask, bc_row, mask_n)
+        p, q = _reverse_chunk_scan(
+            delta_ptr, row, c, L, A, bias, Ct, g, HAS_BIAS, SOFTPLUS, BLOCK_L, LOG2_L
+        )
+        offs = _chunk_state(row, c, n_chunks, N, N_PAD)
+        tl.store(decay_ptr + offs, _last_step(p, BLOCK_L), mask=mask_n[None, :])
+        tl.store(offset_ptr + offs, _last_step(q, BLOCK_L), mask=mask_n[None, :])
+
+    @triton.jit
+    def _chunk_grads_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dh_next_ptr,
+        dy_ptr,
+        du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr, dh0_ptr,
+        Dch, L, N, CPG, G, n_chunks, BLOCKS_PER_SPLIT,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
         SOFTPLUS: tl.constexpr,
         BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BLOCK_L: tl.constexpr, LOG2_L: tl.constexpr,
     ):  # fmt: skip
-        """Reverse over chunks: grid (D / BLOCK_D, batch). Writes du, ddelta (before the bias),
-        dz, per-batch dA and dD, per-channel-block dB and dC and d(initial state)."""
-        row, bc_row, state, mask_n, A, Dv, bias = _program_block(
-            A_ptr, D_ptr, bias_ptr, Dch, N, CPG, G, HAS_D, HAS_BIAS, BLOCK_D, N_PAD
-        )
+        """Backward step 3, grid (G * splits, batch, n_chunks): one chunk of one split of a
+        group's channels, walked block by block. Each block recomputes its states from the saved
+        chunk-start state and ``dh`` from ``dh_next`` (steps 1-2), and writes du, ddelta (before
+        the bias), dz, and per-chunk dA and dD; ``dB``, ``dC`` are summed over the split's
+        blocks in a fixed order and written once per (batch, group * split, chunk). The chunk-0
+        programs also write d(initial state) ``= exp(Δ_0 A) dh_0``."""
+        split = tl.program_id(0)
+        pid_b = tl.program_id(1)
+        c = tl.program_id(2)
         offs_l = tl.arange(0, BLOCK_L)
-        block_row = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * N
-        part_row = (block_row + tl.arange(0, N_PAD)).to(tl.int64)
-        # dh at the first step of the chunk after the current one (the last state's gradient at first)
-        dh_next = tl.load(dh_last_ptr + state, mask=mask_n[None, :], other=0.0).to(tl.float32)
-        dA_acc = tl.full([BLOCK_D, N_PAD], 0.0, tl.float32)
-        dD_acc = tl.full([BLOCK_D], 0.0, tl.float32)
-        for i in range(n_chunks):
-            c = n_chunks - 1 - i
+        dB_acc = tl.full([N_PAD, BLOCK_L], 0.0, tl.float32)
+        dC_acc = tl.full([N_PAD, BLOCK_L], 0.0, tl.float32)
+        for j in range(BLOCKS_PER_SPLIT):
+            row, bc_row, state, mask_n, A, Dv, bias = _program_block(
+                A_ptr, D_ptr, bias_ptr, split * BLOCKS_PER_SPLIT + j, pid_b, Dch, N, CPG, G,
+                HAS_D, HAS_BIAS, BLOCK_D, N_PAD,
+            )  # fmt: skip
             t, mask, seq, u, x, dt, Bt, Ct = _load_chunk(
                 u_ptr, delta_ptr, B_ptr, C_ptr, c, L, row, bc_row, mask_n, bias,
                 HAS_BIAS, SOFTPLUS, BLOCK_L,
             )  # fmt: skip
-            h_start = tl.load(
-                states_ptr + _chunk_state(row, c, n_chunks, N, N_PAD),
-                mask=mask_n[None, :],
-                other=0.0,
-            )
+            offs = _chunk_state(row, c, n_chunks, N, N_PAD)
+            h_start = tl.load(states_ptr + offs, mask=mask_n[None, :], other=0.0)
             p, q, inp = _chunk_scan(u, dt, A, Bt)
             hs = p * h_start[:, :, None] + q
-            dy = tl.load(dy_ptr + seq, mask=mask, other=0.0).to(tl.float32)
-            g = dy
+            dy, z, sig, g = _load_output_grad(dy_ptr, z_ptr, seq, mask, HAS_Z)
             if HAS_Z:
-                z = tl.load(z_ptr + seq, mask=mask, other=0.0).to(tl.float32)
-                sig = _sigmoid(z)
-                g = dy * z * sig
                 y = _sum(hs * Ct[None, :, :], axis=1) + Dv[:, None] * u
                 tl.store(dz_ptr + seq, dy * y * sig * (1.0 + z * (1.0 - sig)), mask=mask)
-            # reverse scan over the chunk read backwards: step s is time t_r = end - s, whose map
-            # is dh_{t+1} -> C_t g_t + exp(Δ_{t+1} A) dh_{t+1}; Δ_L = 0 passes the last state's
-            # gradient on unchanged
-            t_r = c * BLOCK_L + (BLOCK_L - 1) - offs_l
-            _, dt_next = _load_delta(
-                delta_ptr, row[:, None] * L + t_r[None, :] + 1, (t_r + 1 < L)[None, :], bias,
-                HAS_BIAS, SOFTPLUS,
-            )  # fmt: skip
-            decay_next = tl.exp(dt_next[:, None, :] * A[:, :, None])
-            cg_rev = _flip_last(Ct, LOG2_L)[None, :, :] * _flip_last(g, LOG2_L)[:, None, :]
-            p, q = tl.associative_scan((decay_next, cg_rev), axis=2, combine_fn=_affine_combine)
-            dh_rev = p * dh_next[:, :, None] + q
-            dh_next = _last_step(dh_rev, BLOCK_L)
-            dh = _flip_last(dh_rev, LOG2_L)
+            p, q = _reverse_chunk_scan(
+                delta_ptr, row, c, L, A, bias, Ct, g, HAS_BIAS, SOFTPLUS, BLOCK_L, LOG2_L
+            )
+            dh_next = tl.load(dh_next_ptr + offs, mask=mask_n[None, :], other=0.0)
+            dh = _flip_last(p * dh_next[:, :, None] + q, LOG2_L)
             h_prev_decayed = hs - inp  # exp(Δ_t A) h_{t-1}
-            part = part_row[:, None] * L + t[None, :]
-            mask_bc = mask_n[:, None] & mask
-            tl.store(dB_ptr + part, _sum(dh * (dt * u)[:, None, :], axis=0), mask=mask_bc)
-            tl.store(dC_ptr + part, _sum(hs * g[:, None, :], axis=0), mask=mask_bc)
+            dB_acc += _sum(dh * (dt * u)[:, None, :], axis=0)
+            dC_acc += _sum(hs * g[:, None, :], axis=0)
             du = dt * _sum(dh * Bt[None, :, :], axis=1) + Dv[:, None] * g
             tl.store(du_ptr + seq, du, mask=mask)
             ddt = _sum(
@@ -359,42 +442,94 @@ if triton is not None:
             if SOFTPLUS:
                 ddt = tl.where(x > 20.0, ddt, ddt * _sigmoid(x))
             tl.store(ddelta_ptr + seq, ddt, mask=mask)
-            dA_acc += _sum(dh * dt[:, None, :] * h_prev_decayed, axis=2)
-            dD_acc += _sum(g * u, axis=1)
-        _, dt0 = _load_delta(
-            delta_ptr, row[:, None] * L + offs_l[None, :], (offs_l == 0)[None, :], bias,
-            HAS_BIAS, SOFTPLUS,
-        )  # fmt: skip
-        dt0 = _sum(dt0, axis=1)
-        tl.store(dh0_ptr + state, tl.exp(dt0[:, None] * A) * dh_next, mask=mask_n[None, :])
-        tl.store(dA_ptr + state, dA_acc, mask=mask_n[None, :])
-        tl.store(dD_ptr + row, dD_acc)
+            dA = _sum(dh * dt[:, None, :] * h_prev_decayed, axis=2)
+            tl.store(dA_ptr + offs, dA, mask=mask_n[None, :])
+            tl.store(dD_ptr + row * n_chunks + c, _sum(g * u, axis=1))
+            if c == 0:  # d(initial state) = exp(Δ_0 A) dh_0, from the first step's Δ and dh
+                first = (offs_l == 0)[None, :]
+                dt0 = _sum(tl.where(first, dt, 0.0), axis=1)
+                dh_0 = _sum(tl.where(first[:, None, :], dh, 0.0), axis=2)
+                tl.store(dh0_ptr + state, tl.exp(dt0[:, None] * A) * dh_0, mask=mask_n[None, :])
+        part = (pid_b * tl.num_programs(0) + split) * N + tl.arange(0, N_PAD)
+        part_offs = part.to(tl.int64)[:, None] * L + (c * BLOCK_L + offs_l)[None, :]
+        mask_part = (tl.arange(0, N_PAD) < N)[:, None] & (c * BLOCK_L + offs_l < L)[None, :]
+        tl.store(dB_ptr + part_offs, dB_acc, mask=mask_part)
+        tl.store(dC_ptr + part_offs, dC_acc, mask=mask_part)
 
     def _divides_group(configs, named_args, **kwargs):
         """Keep the configs whose channel block fits within one group."""
         return [cfg for cfg in configs if named_args["CPG"] % cfg.kwargs["BLOCK_D"] == 0]
 
-    def _tuned(kernel, key: list[str], block_d: bool = False):
-        """``kernel`` autotuned on GPUs over warps (and ``BLOCK_D`` if asked); as is under the
-        interpreter, where the caller passes one fixed config."""
+    def _tuned(kernel, key: list[str], block_d: bool = False, warps_tuning=_WARPS_TUNING):
+        """``kernel`` autotuned on GPUs over ``warps_tuning`` (or, if asked, over
+        ``_FWD_TUNING``'s ``BLOCK_D`` and warps); as is under the interpreter, where the caller
+        passes one fixed config."""
         if _INTERPRETED:
             return kernel
         if not block_d:
-            configs = [triton.Config({}, num_warps=warps) for warps in (2, 4, 8)]
+            configs = [triton.Config({}, num_warps=warps) for warps in warps_tuning]
             return triton.autotune(configs=configs, key=key)(kernel)
-        configs = [
-            triton.Config({"BLOCK_D": bd}, num_warps=warps)
-            for bd, warps in ((1, 2), (2, 2), (2, 4), (4, 4), (8, 4), (8, 8))
-        ]
+        configs = [triton.Config({"BLOCK_D": bd}, num_warps=warps) for bd, warps in _FWD_TUNING]
         prune = {"early_config_prune": _divides_group}
         return triton.autotune(configs=configs, key=key, prune_configs_by=prune)(kernel)
 
     _SHAPE_KEY = ["Dch", "L", "N", "CPG"]
     _fwd_launch = _tuned(_scan_fwd_kernel, _SHAPE_KEY, block_d=True)
     _chunk_maps_launch = _tuned(_chunk_maps_kernel, _SHAPE_KEY)
-    _state_passing_launch = _tuned(_state_passing_kernel, ["Dch", "N", "n_chunks"])
+    _state_passing_launch = _tuned(_state_passing_kernel, ["Dch", "N", "n_chunks", "REVERSE"])
     _chunk_output_launch = _tuned(_chunk_output_kernel, _SHAPE_KEY)
-    _bwd_launch = _tuned(_scan_bwd_kernel, _SHAPE_KEY)
+    _grad_maps_launch = _tuned(_chunk_grad_maps_kernel, _SHAPE_KEY)
+    _grads_launch = _tuned(
+        _chunk_grads_kernel, [*_SHAPE_KEY, "BLOCKS_PER_SPLIT"], warps_tuning=_GRAD_WARPS_TUNING
+    )
+
+
+def gpu_variants(n_state: int = 16) -> list[KernelVariant]:
+    """Every configuration in which the GPU path can launch a kernel for ``n_state`` states:
+    each autotuning candidate, with every option on (``D``, gate, bias, softplus, initial state),
+    the kernels' largest code. For :func:`kscan.kernels.triton_compile.compile_variant`; empty
+    without Triton."""
+    if triton is None:
+        return []
+    tiles = {"N_PAD": _next_power_of_2(n_state), "BLOCK_L": _GPU_BLOCK_L}
+    options = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True}
+    block_d = {"BLOCK_D": _GPU_FIXED_BLOCK_D}
+    variants = [
+        KernelVariant(
+            "scan_fwd",
+            _scan_fwd_kernel,
+            {**options, "HAS_H0": True, "BLOCK_D": bd, **tiles},
+            warps,
+            _ACTIVATION_PTRS,
+        )
+        for bd, warps in _FWD_TUNING
+    ]
+    log2_l = {"LOG2_L": _GPU_BLOCK_L.bit_length() - 1}
+    passing = {"HAS_H0": True, "N_PAD": tiles["N_PAD"]}
+    gate = {"HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True}
+    fixed = (
+        ("chunk_maps", _chunk_maps_kernel, {"HAS_BIAS": True, "SOFTPLUS": True, **tiles}),
+        ("state_passing", _state_passing_kernel, {**passing, "REVERSE": False}),
+        ("chunk_output", _chunk_output_kernel, {**options, **tiles}),
+        ("grad_maps", _chunk_grad_maps_kernel, {**gate, **tiles, **log2_l}),
+        ("grad_passing", _state_passing_kernel, {**passing, "REVERSE": True}),
+    )
+    variants += [
+        KernelVariant(name, kernel, {**constexprs, **block_d}, warps, _ACTIVATION_PTRS)
+        for name, kernel, constexprs in fixed
+        for warps in _WARPS_TUNING
+    ]
+    variants += [
+        KernelVariant(
+            "chunk_grads",
+            _chunk_grads_kernel,
+            {**options, **tiles, **log2_l, **block_d},
+            warps,
+            _ACTIVATION_PTRS,
+        )
+        for warps in _GRAD_WARPS_TUNING
+    ]
+    return variants
 
 
 def _next_power_of_2(n: int) -> int:
@@ -422,6 +557,20 @@ def _use_chunk_parallel(programs: int, n_chunks: int, device: torch.device) -> b
     return (
         programs < _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     )
+
+
+def _grad_splits(blocks_per_group: int, programs: int, device: torch.device) -> int:
+    """Into how many splits backward step 3 cuts each group's channel blocks: one under the
+    interpreter; on GPUs the fewest (a power of 2 dividing ``blocks_per_group``) giving
+    ``programs * splits >= _GRAD_PROGRAMS_PER_SM`` per SM. Each split adds one partial
+    ``(batch, G, N, L)`` sum of dB and of dC for torch to add up."""
+    if _INTERPRETED:
+        return 1
+    target = _GRAD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = 1
+    while programs * splits < target and blocks_per_group % (splits * 2) == 0:
+        splits *= 2
+    return splits
 
 
 def _flags(D, z, delta_bias, delta_softplus) -> dict:
@@ -458,7 +607,7 @@ def _forward_chunk_parallel(
     )  # fmt: skip
     _state_passing_launch[(channels // block_d, batch)](
         decay, offset, h0, h_last, states, Dch=channels, N=shape["N"], n_chunks=shape["n_chunks"],
-        HAS_H0=h0 is not None, BLOCK_D=block_d, N_PAD=tiles["N_PAD"],
+        HAS_H0=h0 is not None, REVERSE=False, BLOCK_D=block_d, N_PAD=tiles["N_PAD"],
     )  # fmt: skip
     _chunk_output_launch[chunk_grid](
         u, delta, A, Bg, Cg, D, z, delta_bias, states, y, **shape, **flags, **tiles
@@ -507,37 +656,50 @@ class _SelectiveScanTriton(torch.autograd.Function):
         u, delta, A, Bg, Cg, D, z, delta_bias, states = ctx.saved_tensors
         shape, flags, tiles, b_ndim = ctx.meta
         batch, channels, length = u.shape
-        n_state, groups = shape["N"], shape["G"]
+        n_state, groups, n_chunks = shape["N"], shape["G"], shape["n_chunks"]
         block_d = _fixed_block_d(shape["CPG"])
-        n_blocks = channels // block_d
+        blocks_per_group = shape["CPG"] // block_d
+        tiles = dict(tiles, BLOCK_D=block_d, LOG2_L=tiles["BLOCK_L"].bit_length() - 1)
+        dy, dh_last = dy.contiguous(), dh_last.contiguous()
         f32 = dict(device=u.device, dtype=torch.float32)
+        # steps 1-2: every chunk's adjoint map, then dh at the first step after each chunk
+        decay, offset, dh_next = (torch.empty_like(states) for _ in range(3))
+        grid = (channels // block_d, batch)
+        _grad_maps_launch[(*grid, n_chunks)](
+            delta, A, Cg, z, delta_bias, dy, decay, offset, **shape,
+            HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=flags["SOFTPLUS"], **tiles,
+        )  # fmt: skip
+        _state_passing_launch[grid](
+            decay, offset, dh_last, torch.empty_like(dh_last), dh_next, Dch=channels, N=n_state,
+            n_chunks=n_chunks, HAS_H0=True, REVERSE=True, BLOCK_D=block_d, N_PAD=tiles["N_PAD"],
+        )  # fmt: skip
+        # step 3: every gradient, dB and dC summed over each split of a group's channels
+        splits = _grad_splits(blocks_per_group, batch * groups * n_chunks, u.device)
         du = torch.empty(batch, channels, length, **f32)
         ddelta = torch.empty_like(du)
         dz = torch.empty_like(du) if z is not None else None
-        dA = torch.empty(batch, channels, n_state, **f32)
-        dD = torch.empty(batch, channels, **f32)
-        dB_part = torch.empty(batch, n_blocks, n_state, length, **f32)
-        dC_part = torch.empty(batch, n_blocks, n_state, length, **f32)
+        dA = torch.empty(batch, channels, n_chunks, n_state, **f32)
+        dD = torch.empty(batch, channels, n_chunks, **f32)
+        dB_part = torch.empty(batch, groups * splits, n_state, length, **f32)
+        dC_part = torch.empty_like(dB_part)
         dh0 = torch.empty(batch, channels, n_state, **f32)
-        _bwd_launch[(n_blocks, batch)](
-            u, delta, A, Bg, Cg, D, z, delta_bias, states,
-            dy.contiguous(), dh_last.contiguous(),
+        _grads_launch[(groups * splits, batch, n_chunks)](
+            u, delta, A, Bg, Cg, D, z, delta_bias, states, dh_next, dy,
             du, ddelta, dz, dA, dD, dB_part, dC_part, dh0,
-            **shape, **flags, N_PAD=tiles["N_PAD"], BLOCK_L=tiles["BLOCK_L"], BLOCK_D=block_d,
-            LOG2_L=tiles["BLOCK_L"].bit_length() - 1,
+            **shape, BLOCKS_PER_SPLIT=blocks_per_group // splits, **flags, **tiles,
         )  # fmt: skip
 
         def reduce_groups(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-            out = part.view(batch, groups, n_blocks // groups, n_state, length).sum(2)
+            out = part.view(batch, groups, splits, n_state, length).sum(2)
             return (out.squeeze(1) if b_ndim == 3 else out).to(like.dtype)
 
         return (
             du.to(u.dtype),
             ddelta.to(delta.dtype),
-            dA.sum(0).to(A.dtype),
+            dA.sum((0, 2)).to(A.dtype),
             reduce_groups(dB_part, Bg),
             reduce_groups(dC_part, Cg),
-            None if D is None else dD.sum(0).to(D.dtype),
+            None if D is None else dD.sum((0, 2)).to(D.dtype),
             None if z is None else dz.to(z.dtype),
             None if delta_bias is None else ddelta.sum((0, 2)).to(delta_bias.dtype),
             dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None,

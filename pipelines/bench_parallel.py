@@ -26,9 +26,9 @@ import torch
 from tabulate import tabulate
 from torch import distributed as dist
 
-from kscan.errors import ConfigError
 from kscan.models.vmunet import VMUNet, VMUNetConfig
 from kscan.pipelines.atomic import write_json
+from kscan.pipelines.cli_args import int_list
 from kscan.pipelines.machine import machine_info
 from kscan.pipelines.parallel import BandParallelSegmenter, launch
 from kscan.pipelines.timing import compare_times
@@ -144,16 +144,6 @@ def table(report: dict[str, Any]) -> list[list[object]]:
     return out
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or any(v < 1 for v in values):
-        raise ConfigError(f"expected comma-separated positive integers, got {text!r}")
-    return values
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``kscan bench parallel``."""
     parser = sub.add_parser(
@@ -164,9 +154,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: kscan bench parallel --out out/bench/parallel.json",
     )
     parser.add_argument("--size", type=int, default=256, help="image side")
-    parser.add_argument("--dims", default="32,64,128,256", help="VM-UNet stage channels")
-    parser.add_argument("--depths", default="1,1,1,1", help="VSS blocks per stage")
-    parser.add_argument("--ranks", default="1,2,4", help="process counts to run")
+    ints = int_list(1)
+    parser.add_argument(
+        "--dims", type=ints, default=(32, 64, 128, 256), help="VM-UNet stage channels"
+    )
+    parser.add_argument("--depths", type=ints, default=(1, 1, 1, 1), help="VSS blocks per stage")
+    parser.add_argument("--ranks", type=ints, default=(1, 2, 4), help="process counts to run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--out", default="out/bench/parallel.json")
@@ -176,9 +169,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> None:
     report = run(
         size=args.size,
-        dims=_ints(args.dims),
-        depths=_ints(args.depths),
-        ranks=_ints(args.ranks),
+        dims=args.dims,
+        depths=args.depths,
+        ranks=args.ranks,
         repeats=args.repeats,
         threads=args.threads,
     )

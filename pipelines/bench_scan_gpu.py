@@ -52,6 +52,7 @@ from kscan.kernels import routes
 from kscan.kernels.scan import resolve_backend
 from kscan.kernels.scan_mamba_ssm import mamba_ssm_available
 from kscan.pipelines.atomic import write_json
+from kscan.pipelines.cli_args import dtype_list
 from kscan.pipelines.machine import machine_info
 from kscan.pipelines.timing import compare_times
 
@@ -334,7 +335,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtypes",
-        type=_dtypes,
+        type=dtype_list({"float32": torch.float32, "bfloat16": torch.bfloat16}),
         default=(torch.float32, torch.bfloat16),
         help="comma-separated, of float32 and bfloat16 (default: both)",
     )
@@ -345,14 +346,6 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="tiny sizes on the CPU under TRITON_INTERPRET=1 (for tests; the times mean nothing)",
     )
     parser.add_argument("--out", default="out/bench/scan_gpu.json")
-
-
-def _dtypes(text: str) -> tuple[torch.dtype, ...]:
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    chosen = [name.strip() for name in text.split(",") if name.strip()]
-    if not chosen or any(name not in names for name in chosen):
-        raise argparse.ArgumentTypeError(f"expected some of {', '.join(names)}, got {text!r}")
-    return tuple(names[name] for name in chosen)
 
 
 def _main(args: argparse.Namespace) -> None:

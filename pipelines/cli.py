@@ -20,6 +20,7 @@ from kscan.pipelines import (
     bench_physics,
     bench_scan,
     bench_scan_gpu,
+    bench_triton_build,
     benchmark,
     convert_cmd,
     demo,
@@ -50,7 +51,15 @@ COMMANDS = (
 )
 """Modules with a ``register(subparsers)`` function, one per subcommand, in ``--help`` order."""
 
-BENCHMARKS = (bench_physics, bench_io, bench_scan, bench_scan_gpu, bench_models, bench_parallel)
+BENCHMARKS = (
+    bench_physics,
+    bench_io,
+    bench_scan,
+    bench_scan_gpu,
+    bench_triton_build,
+    bench_models,
+    bench_parallel,
+)
 """Modules registering a ``kscan bench SUITE`` subcommand."""
 
 

@@ -7,6 +7,7 @@ sets ``func`` to a handler taking the parsed ``argparse.Namespace``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -54,3 +55,32 @@ def int_pair(text: str) -> tuple[int, int]:
             f"expected two integers like 640,368, got {text!r}"
         ) from None
     return a, b
+
+
+def int_list(minimum: int = 1) -> Callable[[str], tuple[int, ...]]:
+    """A parser of comma-separated integers, each at least ``minimum`` (for argparse ``type=``)."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers of at least {minimum}, got {text!r}"
+            )
+        return values
+
+    return parse
+
+
+def dtype_list(names: Mapping[str, torch.dtype]) -> Callable[[str], tuple[torch.dtype, ...]]:
+    """A parser of comma-separated dtype names among ``names`` (for argparse ``type=``)."""
+
+    def parse(text: str) -> tuple[torch.dtype, ...]:
+        chosen = [name.strip() for name in text.split(",") if name.strip()]
+        if not chosen or any(name not in names for name in chosen):
+            raise argparse.ArgumentTypeError(f"expected some of {', '.join(names)}, got {text!r}")
+        return tuple(names[name] for name in chosen)
+
+    return parse

@@ -153,15 +153,19 @@ def test_large_delta_stays_finite():
     assert_matches_reference(inputs, delta_softplus=True)
 
 
-def test_gradients_for_dB_dC_are_deterministic_across_channel_blocks():
-    """32 channels in one group span two channel blocks, whose partial sums torch adds up."""
-    inputs = make_inputs(1, 32, 2, 9, groups=1, with_z=True)
+@pytest.mark.parametrize("splits", [1, 2])
+def test_gradients_for_dB_dC_are_deterministic_across_channel_blocks(monkeypatch, splits):
+    """32 channels in one group span two channel blocks, summed by one backward program per
+    (batch, group, chunk), or (``splits = 2``, forced) one per block, whose partial sums torch
+    adds up; L = 20 spans two chunks."""
+    monkeypatch.setattr(scan_triton, "_grad_splits", lambda *args: splits)
+    inputs = make_inputs(1, 32, 2, 20, groups=1, with_z=True, with_h0=True)
     first = run_scan(scan_triton.selective_scan_triton, inputs, delta_softplus=True)
     second = run_scan(scan_triton.selective_scan_triton, inputs, delta_softplus=True)
-    for name in ("dB", "dC"):
+    for name in first:
         assert torch.equal(first[name], second[name]), name
     want = run_scan(selective_scan_reference, inputs, delta_softplus=True)
-    for name in ("dB", "dC"):
+    for name in first:
         torch.testing.assert_close(first[name], want[name], **FLOAT32_TOL)
 
 
