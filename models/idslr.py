@@ -71,25 +71,32 @@ class IDSLRConfig:
     centered: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("coils", "num_filters", "num_pool_layers", "iterations"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
-            raise ConfigError(f"num_classes: expected an integer >= 2, got {self.num_classes!r}")
-        if self.num_classes < 2:
-            raise ConfigError(f"num_classes: expected an integer >= 2, got {self.num_classes}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
-            raise ConfigError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout: expected a number in [0, 1), got {self.dropout}")
-        if not isinstance(self.centered, bool):
-            raise ConfigError(f"centered: expected true or false, got {self.centered!r}")
+        check_coil_unet_config(self, ("iterations",), ("centered",))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> IDSLRConfig:
         """Build a config from a mapping (parsed YAML); unknown keys raise :class:`ConfigError`."""
         return from_mapping(cls, values)
+
+
+def check_coil_unet_config(config: Any, counts: tuple[str, ...], flags: tuple[str, ...]) -> None:
+    """The checks of a coil-wise U-Net model's config (:class:`IDSLRConfig` and the like):
+    ``coils``, ``num_filters``, ``num_pool_layers`` and ``counts`` positive integers,
+    ``num_classes >= 2``, ``dropout`` in ``[0, 1)``, ``flags`` booleans. Raises
+    :class:`ConfigError` naming the field."""
+    for name in ("coils", "num_filters", "num_pool_layers", *counts):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+    classes = config.num_classes
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+        raise ConfigError(f"num_classes: expected an integer >= 2, got {classes!r}")
+    dropout = config.dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ConfigError(f"dropout: expected a number in [0, 1), got {dropout!r}")
+    for name in flags:
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name}: expected true or false, got {getattr(config, name)!r}")
 
 
 def _to_channels(images: torch.Tensor) -> torch.Tensor:
@@ -103,20 +110,11 @@ def _from_channels(x: torch.Tensor) -> torch.Tensor:
     return torch.complex(real, imag)
 
 
-class IDSLR(nn.Module):
-    """Unrolled U-Net reconstruction with a shared-encoder segmentation decoder (module docstring)."""
+class CoilWiseMultitask(nn.Module):
+    """What the coil-wise U-Net multitask models (:class:`IDSLR`, SegNet) share: the FFT
+    convention and class count of their ``config``, and the RSS image of a k-space."""
 
-    def __init__(self, config: IDSLRConfig | None = None) -> None:
-        super().__init__()
-        self.config = config = config if config is not None else IDSLRConfig()
-        channels = 2 * config.coils
-        self.unet = UNet2d(
-            channels, channels, config.num_filters, config.num_pool_layers, config.dropout
-        )
-        self.segmentation_decoder = UNetDecoder2d(
-            config.num_classes, config.num_filters, config.num_pool_layers, config.dropout
-        )
-        self.dc = ProximalDC(lam=1.0)
+    config: Any
 
     @property
     def centered(self) -> bool:
@@ -130,6 +128,22 @@ class IDSLR(nn.Module):
     def image(self, kspace: torch.Tensor) -> torch.Tensor:
         """RSS over coils of ``F^-1 kspace``: ``(batch, coil, H, W)`` -> ``(batch, H, W)``."""
         return coils.rss(ifft2c(kspace, self.centered))
+
+
+class IDSLR(CoilWiseMultitask):
+    """Unrolled U-Net reconstruction with a shared-encoder segmentation decoder (module docstring)."""
+
+    def __init__(self, config: IDSLRConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config if config is not None else IDSLRConfig()
+        channels = 2 * config.coils
+        self.unet = UNet2d(
+            channels, channels, config.num_filters, config.num_pool_layers, config.dropout
+        )
+        self.segmentation_decoder = UNetDecoder2d(
+            config.num_classes, config.num_filters, config.num_pool_layers, config.dropout
+        )
+        self.dc = ProximalDC(lam=1.0)
 
     def forward(
         self,
@@ -145,28 +159,57 @@ class IDSLR(nn.Module):
             num_low_frequencies: unused (this model estimates no coil maps); accepted for the
                 multitask interface.
         """
-        self._check_inputs(masked_kspace, mask)
+        check_coil_kspace(masked_kspace, mask, self.config.coils)
         mask = mask.to(masked_kspace.real.dtype)
         kspace, kspaces = masked_kspace, []
         for _ in range(self.config.iterations):
-            images = ifft2c(kspace, self.centered)
-            x = _to_channels(images)
-            grouped = x.reshape(x.shape[0], _GROUPS, -1)
-            mean = grouped.mean(dim=-1, keepdim=True)
-            std = grouped.std(dim=-1, keepdim=True)
-            std = torch.where(std > 0, std, torch.ones_like(std))
-            features = self.unet.encode(((grouped - mean) / std).reshape(x.shape))
-            out = self.unet.decode(features).reshape(grouped.shape) * std + mean
-            images = _from_channels(out.reshape(x.shape)) + images
-            kspace = self.dc(fft2c(images, self.centered), masked_kspace, mask)
+            kspace, features = unrolled_step(
+                self.unet, self.dc, kspace, masked_kspace, mask, self.centered, residual=True
+            )
             kspaces.append(kspace)
         logits = self.segmentation_decoder([f.abs() for f in features])
         return MultitaskOutput(kspaces, [self.image(k) for k in kspaces], [logits])
 
-    def _check_inputs(self, kspace: torch.Tensor, mask: torch.Tensor) -> None:
-        check_inputs(kspace, mask)
-        if kspace.shape[1] != self.config.coils:
-            raise ShapeError(
-                f"masked_kspace: expected {self.config.coils} coils (config.coils), "
-                f"got {kspace.shape[1]}"
-            )
+
+def check_coil_kspace(kspace: torch.Tensor, mask: torch.Tensor, coils: int) -> None:
+    """:func:`~kscan.models.recurrentvarnet.check_inputs`, and exactly ``coils`` coils (the
+    coil-wise U-Nets' channel count is fixed)."""
+    check_inputs(kspace, mask)
+    if kspace.shape[1] != coils:
+        raise ShapeError(
+            f"masked_kspace: expected {coils} coils (config.coils), got {kspace.shape[1]}"
+        )
+
+
+def unrolled_step(
+    unet: UNet2d,
+    dc: ProximalDC,
+    kspace: torch.Tensor,
+    measured: torch.Tensor,
+    mask: torch.Tensor,
+    centered: bool,
+    residual: bool,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One unrolled iteration on coil-wise images (module docstring): ``z = F^-1 kspace``; the
+    U-Net on ``z``'s ``2C`` real channels, group-normalised (``normalize``) and de-normalised;
+    ``x = out + z`` with ``residual``, else ``out``; then ``dc(F x, measured, mask)``.
+
+    Returns the new k-space ``(batch, C, H, W)`` and the U-Net encoder's features (for a
+    segmentation decoder)."""
+    images = ifft2c(kspace, centered)
+    x = _to_channels(images)
+    grouped = x.reshape(x.shape[0], _GROUPS, -1)
+    mean = torch.zeros_like(grouped[..., :1])
+    std = torch.ones_like(mean)
+    if normalize:
+        mean = grouped.mean(dim=-1, keepdim=True)
+        std = grouped.std(dim=-1, keepdim=True)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+    features = unet.encode(((grouped - mean) / std).reshape(x.shape))
+    out = _from_channels(
+        (unet.decode(features).reshape(grouped.shape) * std + mean).reshape(x.shape)
+    )
+    if residual:
+        out = out + images
+    return dc(fft2c(out, centered), measured, mask), features

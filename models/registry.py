@@ -123,6 +123,15 @@ MODELS: dict[str, ModelSpec] = {
             "Unrolled coil-wise U-Net with proximal data consistency and a segmentation decoder "
             "sharing its encoder (ATOMMIC's IDSLR)",
         ),
+        ModelSpec(
+            "segnet",
+            "multitask",
+            "kscan.models.segnet",
+            "SegNet",
+            "SegNetConfig",
+            "Cascades of coil-wise U-Nets with data consistency, each with a segmentation "
+            "decoder on its encoder, the segmentations fused (ATOMMIC's SegNet)",
+        ),
     )
 }
 

@@ -18,7 +18,7 @@ scan; as peers MONAI's ``UNet`` (2D, channels 64 .. 1024, 2 residual units: 26.0
 ``SwinUNETR`` (2D, feature size 48: 25.1 M), of the reference VM-UNet's size.
 
 ``--task multitask`` rows: the multitask recipes (``configs/train_*_synthetic.yaml``:
-joint RecurrentVarNet + VM-UNet or MHS-VM, sequential, IDSLR) on one 4-coil 160 x 128 slice
+joint RecurrentVarNet + VM-UNet or MHS-VM, sequential, IDSLR, SegNet) on one 4-coil 160 x 128 slice
 with the reconstruction task's mask.
 
 Each candidate runs in a fresh process (``spawn``): build, warm up, time ``--repeats`` calls
@@ -269,6 +269,8 @@ def multitask_candidates(quick: bool) -> list[Candidate]:
         "num_pool_layers": 2 if quick else 3,
         "iterations": 2 if quick else 4,
     }
+    segnet = {key: idslr[key] for key in ("coils", "num_classes", "num_pool_layers")}
+    segnet |= {"num_filters": 2 if quick else 8, "cascades": 2 if quick else 5}
     rows = [
         ("joint-rvn-seg", "VM-UNet head", joint | {"head": "vmunet", "head_config": head}),
         (
@@ -278,6 +280,7 @@ def multitask_candidates(quick: bool) -> list[Candidate]:
         ),
         ("sequential-rvn-seg", "VM-UNet head", common | {"head_config": head}),
         ("idslr", "kscan", idslr),
+        ("segnet", "kscan", segnet),
     ]
     return [
         Candidate(m, label, build_registered, {"model": m, "config": c}, shape)

@@ -12,7 +12,7 @@ lines are sampled and the ACS estimate otherwise). Slices are reconstructed in b
 - a learned reconstruction model of the registry (``rvn``, ``varnet``, ...), from a kscan
   checkpoint (``--checkpoint``; the weights shipped with kscan without it), which estimates its own
   coil maps (:mod:`kscan.pipelines.model_inference`);
-- a multitask model of the registry (``joint-rvn-seg``, ``sequential-rvn-seg``, ``idslr``) the same
+- a multitask model of the registry (``joint-rvn-seg``, ``sequential-rvn-seg``, ``idslr``, ``segnet``) the same
   way: its last image is the reconstruction. With ``--segment`` its labels are written too: the
   argmax of its last segmentation logits, cropped like the image to the recon size.
 

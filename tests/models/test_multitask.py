@@ -1,4 +1,5 @@
-"""Multitask models: joint and sequential RVN + segmentation heads, IDSLR; their configs and registry."""
+"""Multitask models: joint and sequential RVN + segmentation heads, IDSLR, SegNet; their configs
+and registry."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from kscan.models.multitask import (
     normalized_magnitude,
 )
 from kscan.models.seg_heads import SegmentationHead
+from kscan.models.segnet import SegNet, SegNetConfig
 from kscan.physics.coils import rss
 from kscan.physics.fft import fft2c, ifft2c
 
@@ -72,6 +74,12 @@ def idslr(**changes) -> IDSLR:
     return IDSLR(IDSLRConfig.from_dict({**values, **changes}))
 
 
+def segnet(**changes) -> SegNet:
+    torch.manual_seed(0)
+    values = dict(coils=4, num_classes=CLASSES, num_filters=4, num_pool_layers=2, cascades=3)
+    return SegNet(SegNetConfig.from_dict({**values, **changes}))
+
+
 def check_output(model, out: MultitaskOutput, y: torch.Tensor, steps: int, segs: int) -> None:
     assert isinstance(out, MultitaskOutput)
     assert len(out.kspace_iterates) == len(out.image_iterates) == steps
@@ -106,6 +114,8 @@ def test_sequential_and_idslr_output_shapes() -> None:
     check_output(model, model(y, mask), y, steps=4, segs=1)
     model = idslr()
     check_output(model, model(y, mask), y, steps=2, segs=1)
+    model = segnet()
+    check_output(model, model(y, mask), y, steps=3, segs=4)  # 3 cascades, then the fused logits
 
 
 def test_head_pads_to_its_multiple_and_crops_back() -> None:
@@ -247,6 +257,17 @@ def group_normalise(x: torch.Tensor):
     return (x - means) / stds, means, stds
 
 
+def direct_step(unet, decoder, kspace, y, mask, lam: float, residual: bool):
+    """One coil-wise U-Net step written out: z = F^-1 k, x = G^-1(U(G(z))) (+ z), the next
+    k-space (y + lam F(x)) / (M + lam), and the logits D(|E(G(z))|); returns (k, x, logits)."""
+    z = ifft2c(kspace)
+    normalised, means, stds = group_normalise(torch.cat([z.real, z.imag], dim=1))
+    restored = unet(normalised) * stds + means
+    x = torch.complex(restored[:, :4], restored[:, 4:]) + (z if residual else 0)
+    logits = decoder([f.abs() for f in unet.encode(normalised)])
+    return (y + lam * fft2c(x)) / (mask + lam), x, logits
+
+
 def test_idslr_iteration_against_a_direct_computation() -> None:
     """One iteration: k1 = (y + lam F(x)) / (M + lam), x = G^-1(U(G(z))) + z; logits D(|E(G(z))|)."""
     y, mask = problem(seed=5)
@@ -255,13 +276,9 @@ def test_idslr_iteration_against_a_direct_computation() -> None:
     with torch.no_grad():
         model.dc.lam.fill_(lam)
         out = model(y, mask)
-        z = ifft2c(y)
-        channels = torch.cat([z.real, z.imag], dim=1)
-        normalised, means, stds = group_normalise(channels)
-        restored = model.unet(normalised) * stds + means
-        x = torch.complex(restored[:, :4], restored[:, 4:]) + z
-        expected = (y + lam * fft2c(x)) / (mask + lam)
-        logits = model.segmentation_decoder([f.abs() for f in model.unet.encode(normalised)])
+        expected, x, logits = direct_step(
+            model.unet, model.segmentation_decoder, y, y, mask, lam, residual=True
+        )
     torch.testing.assert_close(out.kspace_iterates[0], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.seg_logits[0], logits)
     sampled = mask.expand_as(y).bool()
@@ -292,8 +309,63 @@ def test_idslr_coil_count_is_fixed() -> None:
         idslr()(y.abs(), mask)
 
 
-def test_registry_builds_the_three_multitask_models_by_name() -> None:
-    assert registry.names("multitask") == ["idslr", "joint-rvn-seg", "sequential-rvn-seg"]
+def test_segnet_cascades_against_a_direct_computation() -> None:
+    """Cascade j: its own U-Net without residual, k_j+1 = (y + lam F(x_j)) / (M + lam) with one
+    lam; its own decoder on |E_j(G(z_j))|; the fused logits relu(W * [s_0, .., s_J-1])."""
+    y, mask = problem(seed=6)
+    model = segnet(cascades=2).eval()
+    lam = 0.6
+    with torch.no_grad():
+        model.dc.lam.fill_(lam)
+        out = model(y, mask)
+        kspace, logits = y, []
+        for unet, decoder in zip(model.unets, model.segmentation_decoders, strict=True):
+            kspace, _, cascade_logits = direct_step(
+                unet, decoder, kspace, y, mask, lam, residual=False
+            )
+            logits.append(cascade_logits)
+        fused = torch.relu(F.conv2d(torch.cat(logits, 1), model.fusion.weight, padding=1))
+    torch.testing.assert_close(out.kspace_iterates[-1], kspace, rtol=1e-5, atol=1e-6)
+    for got, want in zip(out.seg_logits, [*logits, fused], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert model.unets[0] is not model.unets[1] and model.fusion.bias is None
+
+
+def test_segnet_without_normalisation_feeds_the_unets_the_raw_images() -> None:
+    y, mask = problem(seed=7)
+    model = segnet(cascades=1, normalize=False).eval()
+    with torch.no_grad():
+        out = model(y, mask)
+        z = ifft2c(y)
+        restored = model.unets[0](torch.cat([z.real, z.imag], dim=1))
+        x = torch.complex(restored[:, :4], restored[:, 4:])
+        expected = (y + fft2c(x)) / (mask + 1.0)
+    torch.testing.assert_close(out.kspace_iterates[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_segnet_trains_every_cascade_from_the_segmentation_loss() -> None:
+    """The fused logits reach every cascade's decoder and encoder; the last cascade's U-Net
+    decoder only feeds the reconstruction."""
+    y, mask = problem()
+    model = segnet()
+    out = model(y, mask)
+    out.seg_logits[-1].sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for j in range(3):
+        assert grads[f"segmentation_decoders.{j}.up_conv.0.layers.0.weight"].abs().sum() > 0
+        assert grads[f"unets.{j}.down_sample_layers.0.layers.0.weight"].abs().sum() > 0
+    assert grads["unets.2.up_conv.0.layers.0.weight"] is None
+
+
+def test_registry_builds_the_multitask_models_by_name() -> None:
+    assert registry.names("multitask") == [
+        "idslr",
+        "joint-rvn-seg",
+        "segnet",
+        "sequential-rvn-seg",
+    ]
+    model = registry.build_model("segnet", {"coils": 2, "num_filters": 2, "num_pool_layers": 1})
+    assert isinstance(model, SegNet) and len(model.unets) == 5
     values = {"rvn": RVN, "num_classes": CLASSES, "head": "unet", "head_config": UNET}
     assert isinstance(registry.build_model("joint-rvn-seg", {**values, "cascades": 2}), JointRecSeg)
     assert isinstance(registry.build_model("sequential-rvn-seg", values), SequentialRecSeg)
@@ -344,6 +416,10 @@ def test_registry_builds_the_three_multitask_models_by_name() -> None:
         ),
         ("idslr", {"coil": 4}, r"model_config.coil: unknown key in IDSLRConfig"),
         ("idslr", {"coils": 0}, r"coils: expected a positive integer, got 0"),
+        ("segnet", {"iterations": 2}, r"model_config.iterations: unknown key in SegNetConfig"),
+        ("segnet", {"cascades": 0}, r"cascades: expected a positive integer, got 0"),
+        ("segnet", {"normalize": 1}, r"normalize: expected true or false, got 1"),
+        ("segnet", {"dropout": 1.0}, r"dropout: expected a number in \[0, 1\), got 1.0"),
     ],
 )
 def test_configs_reject_unknown_keys_and_bad_values_by_name(name, values, message) -> None:

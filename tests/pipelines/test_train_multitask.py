@@ -36,6 +36,7 @@ JOINT = {
     "cascades": 2,
 }
 IDSLR = {"coils": 4, "num_classes": 6, "num_filters": 4, "num_pool_layers": 2, "iterations": 2}
+SEGNET = {"coils": 4, "num_classes": 6, "num_filters": 4, "num_pool_layers": 2, "cascades": 2}
 
 
 def mt_config(volumes, out, model="joint-rvn-seg", model_config=None, **changes):
@@ -128,12 +129,13 @@ def test_resume_is_exact(train_volumes, tmp_path):
     assert best.meta["metrics"]["ssim_dice"] == result["best"]["val_ssim_dice"]
 
 
-def test_a_few_steps_reduce_the_loss(train_volumes, tmp_path):
+@pytest.mark.parametrize(("model", "model_config"), [("idslr", IDSLR), ("segnet", SEGNET)])
+def test_a_few_steps_reduce_the_loss(train_volumes, tmp_path, model, model_config):
     config = mt_config(
         train_volumes,
         tmp_path,
-        model="idslr",
-        model_config=IDSLR,
+        model=model,
+        model_config=model_config,
         optim={"lr": 1e-2, "total_steps": 24},
         validate_every=100,
     )
