@@ -16,7 +16,9 @@ listed and are an error unless ``--allow-missing``.
   DICOM and NIfTI writers store them) and are converted with
   :func:`kscan.pipelines.io.nifti.nifti_array_to_volume`; a 2D NIfTI is one slice.
 
-Shapes must match exactly (no cropping); a mismatch is an error naming both files.
+Shapes must match, or with ``--crop`` the prediction may be larger in ``H`` and ``W``: it is then
+centre-cropped to the target's (fastMRI's crop, starting at ``(n - crop) // 2``), labels too, as
+for reconstructions kept at the k-space's size. Any other mismatch is an error naming both files.
 
 **Metrics** per volume (:func:`kscan.pipelines.metrics.reconstruction_metrics`): SSIM, PSNR (dB)
 and NMSE in the fastMRI convention (data range = the target volume's max; SSIM the mean of slice
@@ -27,7 +29,9 @@ largest label in the pair + 1). Labels are the ``segmentation`` dataset of an HD
 ``<stem>_labels.nii.gz`` (or ``.nii``) file beside the volume. HD95 is in mm when the target's
 labels come with a voxel size (a NIfTI's; an HDF5 file's ISMRMRD header's recon field of view over
 the recon matrix), in voxels otherwise; a class absent from exactly one side
-gives ``inf``. The last row is the mean over volumes of each column (blank cells left out).
+gives ``inf``. ``--labels-only`` scores the labels alone (for image inputs, whose image is its own
+target) and makes a pair without labels on both sides an error. The last row is the mean over
+volumes of each column (blank cells left out).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from kscan.pipelines.cli_args import add_quiet
 from kscan.pipelines.io.fastmri import SEGMENTATION, TARGET_KEYS, header_voxel_size_mm
 from kscan.pipelines.io.nifti import nifti_array_to_volume, read_nifti
 from kscan.pipelines.metrics import reconstruction_metrics, segmentation_metrics
+from kscan.pipelines.synthetic import center_crop
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".h5", ".hdf5")
 LABELS_SUFFIX = "_labels"
@@ -230,30 +235,62 @@ def evaluate_pair(
     key: str | None = None,
     labels: bool = False,
     num_classes: int | None = None,
+    labels_only: bool = False,
+    crop: bool = False,
 ) -> dict[str, Any]:
     """One CSV row: ``prediction``, ``target`` (file names), ``slices``, ``ssim``, ``psnr``,
-    ``nmse`` and, with ``labels`` and label volumes on both sides, ``dice_c``, ``iou_c``,
-    ``hd95_c`` for classes c = 1 .. C-1."""
+    ``nmse`` (not with ``labels_only``) and, with ``labels`` (or ``labels_only``) and label
+    volumes on both sides, ``dice_c``, ``iou_c``, ``hd95_c`` for classes c = 1 .. C-1. With
+    ``crop`` a larger prediction is centre-cropped to the target's ``(H, W)``."""
     prediction, target = Path(prediction), Path(target)
+    labels = labels or labels_only
     pred = read_prediction(prediction, labels)
     tgt = read_target(target, key, labels)
+    if crop:
+        pred = _cropped_to(pred, tgt.image.shape, prediction, target)
     if pred.image.shape != tgt.image.shape:
+        hint = "" if crop else " (--crop centre-crops a larger prediction)"
         raise ShapeError(
             f"{prediction} has shape {pred.image.shape} but {target} has {tgt.image.shape}; "
-            "expected the same (slices, H, W)"
+            f"expected the same (slices, H, W){hint}"
+        )
+    if labels_only and (pred.labels is None or tgt.labels is None):
+        side = prediction if pred.labels is None else target
+        raise FileFormatError(
+            f"{side}: --labels-only but no labels (a 'segmentation' dataset, or "
+            f"{stem(side)}{LABELS_SUFFIX}.nii.gz beside it)"
         )
     try:
         row: dict[str, Any] = {
             "prediction": prediction.name,
             "target": target.name,
             "slices": pred.image.shape[0],
-            **reconstruction_metrics(tgt.image, pred.image, convention),  # type: ignore[arg-type]
         }
+        if not labels_only:
+            row.update(reconstruction_metrics(tgt.image, pred.image, convention))  # type: ignore[arg-type]
         if pred.labels is not None and tgt.labels is not None:
             row.update(_label_scores(pred.labels, tgt.labels, tgt.label_spacing, num_classes))
     except KscanError as err:
         raise _with_files(err, prediction, target) from err
     return row
+
+
+def _cropped_to(volume: Volume, shape: tuple[int, ...], prediction: Path, target: Path) -> Volume:
+    """``volume`` (image and labels) centre-cropped to ``shape``'s ``(H, W)`` when it is at least
+    that large with as many slices; as is when the shapes already match."""
+    size = tuple(shape[-2:])
+    if volume.image.shape == shape:
+        return volume
+    larger = volume.image.shape[0] == shape[0] and all(
+        n >= m for n, m in zip(volume.image.shape[-2:], size, strict=True)
+    )
+    if not larger:
+        raise ShapeError(
+            f"{prediction} has shape {volume.image.shape} but {target} has {shape}; --crop "
+            "needs the same slices and a prediction at least as large in H and W"
+        )
+    labels = None if volume.labels is None else center_crop(volume.labels, size)
+    return Volume(center_crop(volume.image, size), labels, volume.label_spacing)
 
 
 def _label_scores(
@@ -285,12 +322,15 @@ class Evaluation:
 
     @property
     def columns(self) -> list[str]:
-        """``prediction, target, slices, ssim, psnr, nmse`` then label columns by class."""
-        extra = {k for row in self.rows for k in row if k not in _FIXED}
+        """``prediction, target, slices``, ``ssim, psnr, nmse`` (unless labels only), then label
+        columns by class."""
+        present = {k for row in self.rows for k in row}
+        fixed = [k for k in _FIXED if k in present]
         by_class = sorted(
-            extra, key=lambda k: (int(k.rsplit("_", 1)[1]), _LABEL_ORDER.index(k.rsplit("_", 1)[0]))
+            present - set(_FIXED),
+            key=lambda k: (int(k.rsplit("_", 1)[1]), _LABEL_ORDER.index(k.rsplit("_", 1)[0])),
         )
-        return [*_FIXED, *by_class]
+        return [*fixed, *by_class]
 
     def mean_row(self) -> dict[str, Any]:
         """The mean over volumes of every numeric column (blank cells left out)."""
@@ -315,6 +355,8 @@ def evaluate(
     key: str | None = None,
     labels: bool = False,
     num_classes: int | None = None,
+    labels_only: bool = False,
+    crop: bool = False,
     allow_missing: bool = False,
     quiet: bool = False,
 ) -> Evaluation:
@@ -332,8 +374,16 @@ def evaluate(
         raise FileFormatError(
             f"{predictions} and {targets}: no volumes pair up by name; {unpaired}"
         )
+    options = dict(
+        convention=convention,
+        key=key,
+        labels=labels,
+        num_classes=num_classes,
+        labels_only=labels_only,
+        crop=crop,
+    )
     rows = [
-        evaluate_pair(p, t, convention=convention, key=key, labels=labels, num_classes=num_classes)
+        evaluate_pair(p, t, **options)
         for p, t in tqdm(pairing.pairs, desc="evaluating", disable=quiet)
     ]
     return Evaluation(rows, pairing)
@@ -437,7 +487,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--labels", action="store_true", help="also score label volumes (Dice, IoU, HD95)"
     )
     parser.add_argument(
+        "--labels-only",
+        action="store_true",
+        help="score the label volumes alone (no image metrics); a pair without labels is an error",
+    )
+    parser.add_argument(
         "--num-classes", type=int, help="label classes incl. background (default: inferred)"
+    )
+    parser.add_argument(
+        "--crop",
+        action="store_true",
+        help="centre-crop a prediction larger than its target to the target's H x W (fastMRI)",
     )
     parser.add_argument(
         "--allow-missing",
@@ -456,6 +516,8 @@ def _main(args: argparse.Namespace) -> None:
         key=args.key,
         labels=args.labels,
         num_classes=args.num_classes,
+        labels_only=args.labels_only,
+        crop=args.crop,
         allow_missing=args.allow_missing,
         quiet=args.quiet,
     )

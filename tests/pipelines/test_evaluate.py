@@ -289,3 +289,58 @@ def test_bad_inputs_exit_2(dataset, capsys):
     for args, text in cases:
         code, _, err = run(capsys, *args)
         assert code == 2 and err.count("\n") == 1 and text in err
+
+
+def test_labels_only_scores_the_labels_alone(dataset, capsys):
+    """Image inputs are their own target: no SSIM/PSNR/NMSE columns, the same label scores as
+    --labels, and a pair without labels on both sides is an error naming the file."""
+    root, _ = dataset
+    pred_labels = labels(1)
+    pred_labels[:, 8:20, 6:8] = 2
+    write_nifti_prediction(root / "predictions" / "a_labels.nii.gz", pred_labels)
+    prediction, target = root / "predictions" / "a.nii.gz", root / "targets" / "a.h5"
+    assert run(capsys, prediction, target, "--labels", "--csv", root / "both.csv")[0] == 0
+    code, out, _ = run(capsys, prediction, target, "--labels-only", "--csv", root / "labels.csv")
+    assert code == 0 and "SSIM" not in out
+    both, only = read_csv(root / "both.csv"), read_csv(root / "labels.csv")
+    assert list(only[0]) == ["prediction", "target", "slices", *[c for c in both[0] if "_" in c]]
+    assert all(only[0][c] == both[0][c] for c in only[0])
+    code, _, err = run(
+        capsys, root / "predictions" / "b.h5", root / "targets" / "b.h5", "--labels-only"
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert "b.h5: --labels-only but no labels" in err
+
+
+def test_crop_centre_crops_a_larger_prediction_and_its_labels(dataset, capsys):
+    """A prediction padded to 36 x 29 around the 32 x 24 target (fastMRI's crop offsets
+    (36 - 32) // 2 and (29 - 24) // 2) scores exactly like the unpadded one."""
+    root, volumes = dataset
+    target = root / "targets" / "a.h5"
+    small = volumes["a"][1]
+    big = np.pad(small, ((0, 0), (2, 2), (2, 3)), constant_values=9.0)
+    big_labels = np.pad(labels(1), ((0, 0), (2, 2), (2, 3)), constant_values=1)
+    write_nifti_prediction(root / "big.nii.gz", big)
+    write_nifti_prediction(root / "big_labels.nii.gz", big_labels)
+    write_nifti_prediction(root / "small.nii.gz", small)
+    write_nifti_prediction(root / "small_labels.nii.gz", labels(1))
+    for name in ("big", "small"):
+        args = (
+            root / f"{name}.nii.gz",
+            target,
+            "--labels",
+            "--crop",
+            "--csv",
+            root / f"{name}.csv",
+        )
+        assert run(capsys, *args)[0] == 0
+    big_row, small_row = read_csv(root / "big.csv")[0], read_csv(root / "small.csv")[0]
+    assert {k: v for k, v in big_row.items() if k != "prediction"} == {
+        k: v for k, v in small_row.items() if k != "prediction"
+    }
+    assert float(big_row["dice_1"]) == 1.0
+    code, _, err = run(capsys, root / "big.nii.gz", target)
+    assert code == 2 and "--crop centre-crops a larger prediction" in err
+    narrow = write_nifti_prediction(root / "narrow.nii.gz", small[:, :, 2:])
+    code, _, err = run(capsys, narrow, target, "--crop")
+    assert code == 2 and "at least as large" in err and str(narrow) in err

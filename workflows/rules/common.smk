@@ -233,9 +233,12 @@ def link_labels(wildcards, input):
     return f'ln -s "$(realpath {input.labels})" "$tmp/{wildcards.case}_labels.nii.gz" &&'
 
 
-def evaluate_options(wildcards):
+def evaluate_options(wildcards, labels_only=False):
+    """`kscan evaluate`'s options; `labels_only` for image inputs, whose image is its own target."""
     options = [f"--convention {config['evaluate']['convention']}"]
-    if wildcards.model != NO_MODEL:
+    if labels_only:
+        options.append("--labels-only")
+    elif wildcards.model != NO_MODEL:
         options.append("--labels")
     if config["evaluate"]["num_classes"]:
         options.append(f"--num-classes {config['evaluate']['num_classes']}")

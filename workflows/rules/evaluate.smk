@@ -42,7 +42,7 @@ rule evaluate_image:
     params:
         suffix=".nii.gz",
         link_labels=link_labels,
-        options=evaluate_options,
+        options=lambda wc: evaluate_options(wc, labels_only=True),
     conda:
         "../envs/kscan.yaml"
     log:
