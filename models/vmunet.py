@@ -77,7 +77,7 @@ import functools
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,9 +267,12 @@ def add_route_ssm(
     module.Ds = nn.Parameter(torch.ones(k * d))
 
 
-def route_ssm_inputs(module: nn.Module, xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def route_ssm_inputs(
+    module: nn.Module, xs: torch.Tensor, routes: Sequence[int] | None = None
+) -> tuple[torch.Tensor, ...]:
     """The selective-scan arguments of :func:`route_ssm`: ``xs (B, K, d, L)`` ->
-    ``(u, delta, A, B, C, D, delta_bias)``.
+    ``(u, delta, A, B, C, D, delta_bias)``; with ``routes``, those of the listed route numbers
+    only (``xs`` then holds ``len(routes)`` routes, in that order).
 
     For route ``k`` with input ``u_k (B, d, L)``: ``[dt_low, B_k, C_k] = x_proj_weight[k] @ u_k``
     and ``delta_k = dt_projs_weight[k] @ dt_low``; the ``K`` routes are stacked on channels:
@@ -278,19 +281,25 @@ def route_ssm_inputs(module: nn.Module, xs: torch.Tensor) -> tuple[torch.Tensor,
     dt_projs_bias (K*d,)``; all in float32 (float64 stays). The projections act on each position
     alone, so the positions may be in any order (band-parallel inference passes a band's pixels).
     """
-    batch, routes, inner, length = xs.shape
-    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, module.x_proj_weight)
+    batch, count, inner, length = xs.shape
+    every = module.x_proj_weight.shape[0]
+    chosen = list(range(every)) if routes is None else list(routes)
+
+    def per_route(p: torch.Tensor) -> torch.Tensor:  # (K*d, ...) or (K, ...) -> chosen routes
+        return p.view(every, -1, *p.shape[1:])[chosen].flatten(0, 1)
+
+    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, module.x_proj_weight[chosen])
     dts, bs, cs = x_dbl.split([module.dt_rank, module.d_state, module.d_state], dim=2)
-    dts = torch.einsum("bkrl,kdr->bkdl", dts, module.dt_projs_weight)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, module.dt_projs_weight[chosen])
     compute = torch.promote_types(xs.dtype, torch.float32)
     return (
-        xs.reshape(batch, routes * inner, length).to(compute),
-        dts.reshape(batch, routes * inner, length).to(compute),
-        -torch.exp(module.A_logs.to(compute)),
+        xs.reshape(batch, count * inner, length).to(compute),
+        dts.reshape(batch, count * inner, length).to(compute),
+        -torch.exp(per_route(module.A_logs).to(compute)),
         bs.to(compute).contiguous(),
         cs.to(compute).contiguous(),
-        module.Ds.to(compute),
-        module.dt_projs_bias.reshape(-1).to(compute),
+        per_route(module.Ds).to(compute),
+        module.dt_projs_bias[chosen].reshape(-1).to(compute),
     )
 
 

@@ -4,11 +4,15 @@ For each ``P`` in ``--ranks`` (default 1, 2, 4), ``P`` processes run
 :class:`kscan.pipelines.parallel.BandParallelSegmenter` on one random ``--size`` x ``--size``
 image with a small untrained VM-UNet (float32, ``--threads`` torch threads per rank). Recorded
 per rank: bytes sent and received per forward, by kind (``halo`` rows of the depthwise
-convolutions, ``summaries`` of the scan segments, ``gather`` of the output bands) and the number
-of exchanges; wall time per forward (median of ``--repeats``, every rank timed between barriers,
+convolutions, ``summaries`` of the scan segments, ``transpose`` of the all-to-alls that move
+column routes to column bands and back, ``gather`` of the output bands) and the number of
+exchanges; wall time per forward (median of ``--repeats``, every rank timed between barriers,
 so the slowest rank sets it). Also measured in this process: the plain single-process forward
 of the whole image and of one band (``H/P`` rows), the compute a rank would do without any band
 overhead, and the largest difference between the ``P``-rank output and the single-process one.
+Each ``P > 1`` runs twice, side by side: the column routes in row bands (``columns: bands``, their
+summaries exchanged) and chosen per layer by
+:func:`~kscan.pipelines.parallel.band.transposition_pays` (``columns: auto``).
 
 Wall times on a machine with fewer cores than ranks measure oversubscription, not scaling; the
 machine description (CPU count) is recorded beside them. See docs/parallel.md for the model of
@@ -33,11 +37,16 @@ from kscan.pipelines.machine import machine_info
 from kscan.pipelines.parallel import BandParallelSegmenter, launch
 from kscan.pipelines.timing import compare_times
 
+COLUMN_MODES = {"bands": False, "auto": None}
+"""``transpose_columns`` of each column mode of the benchmark."""
 
-def rank_timing(model: VMUNet, x: torch.Tensor, repeats: int, threads: int) -> dict[str, Any]:
+
+def rank_timing(
+    model: VMUNet, x: torch.Tensor, repeats: int, threads: int, transpose_columns: bool | None
+) -> dict[str, Any]:
     """One rank's part: warm-up, then ``repeats`` timed forwards; per-forward bytes and calls."""
     torch.set_num_threads(threads)
-    runner = BandParallelSegmenter(model.eval())
+    runner = BandParallelSegmenter(model.eval(), transpose_columns=transpose_columns)
     out = runner(x)
     runner.comm.reset_counters()
     times = []
@@ -94,18 +103,20 @@ def run(
         torch.set_num_threads(threads_before)
     rows = []
     for p in ranks:
-        per_rank = launch(rank_timing, p, (model, x, repeats, threads))
-        output = per_rank[0].pop("output")
-        for r in per_rank:
-            r.pop("output", None)
-        rows.append(
-            {
-                "ranks": p,
-                "wall_s": max(r["wall_s"] for r in per_rank),
-                "max_abs_diff_vs_single": (output - expected).abs().max().item(),
-                "per_rank": per_rank,
-            }
-        )
+        for mode, transpose in COLUMN_MODES.items() if p > 1 else [("bands", False)]:
+            per_rank = launch(rank_timing, p, (model, x, repeats, threads, transpose))
+            output = per_rank[0].pop("output")
+            for r in per_rank:
+                r.pop("output", None)
+            rows.append(
+                {
+                    "ranks": p,
+                    "columns": mode,
+                    "wall_s": max(r["wall_s"] for r in per_rank),
+                    "max_abs_diff_vs_single": (output - expected).abs().max().item(),
+                    "per_rank": per_rank,
+                }
+            )
     return {
         "machine": machine_info(torch.device("cpu")),
         "config": {
@@ -126,13 +137,15 @@ def run(
 
 
 def table(report: dict[str, Any]) -> list[list[object]]:
-    """Rows ``[P, rank, wall ms, sent KiB by kind, received KiB, exchanges, max |diff|]``."""
+    """Rows ``[P, columns, rank, wall ms, sent KiB by kind, received KiB, exchanges,
+    max |diff|]``."""
     out: list[list[object]] = []
     for row in report["rows"]:
         for r in row["per_rank"]:
             out.append(
                 [
                     row["ranks"] if r["rank"] == 0 else "",
+                    row["columns"] if r["rank"] == 0 else "",
                     r["rank"],
                     f"{1e3 * r['wall_s']:.0f}",
                     ", ".join(f"{k} {v / 1024:.0f}" for k, v in sorted(r["sent"].items())) or "-",
@@ -175,7 +188,16 @@ def _main(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         threads=args.threads,
     )
-    headers = ["P", "rank", "wall ms", "sent KiB", "recv KiB", "exchanges", "max |diff|"]
+    headers = [
+        "P",
+        "columns",
+        "rank",
+        "wall ms",
+        "sent KiB",
+        "recv KiB",
+        "exchanges",
+        "max |diff|",
+    ]
     print(tabulate(table(report), headers=headers, tablefmt="github"))
     for name, t in report["single_process"].items():
         print(f"single process, {name}: {1e3 * t['median_s']:.0f} ms")

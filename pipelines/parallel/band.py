@@ -18,6 +18,15 @@ the band unchanged; each VSS block's mixer (:class:`~kscan.models.vmunet.SS2D` o
   ``(batch, D, N)`` each), and each rank scans again, from its true incoming state, the segments
   that do not start from zero. The same code serves every route (rows, columns, snakes,
   zig-zags, spirals, reverses).
+- **Column routes by transposition.** Read column by column, a row band is ``W`` segments per
+  rank, and their summaries dominate the exchange. An all-to-all can instead give each rank a
+  band of whole columns: the ``H x W`` map read column by column is the transposed ``W x H`` map
+  read row by row, one segment per rank. Each rank then scans its column band as the rows route
+  of the transposed map (``cols`` -> ``rows``, ``cols_reversed`` -> ``rows_reversed``, the tiny
+  summaries joining the others in the one all-gather), and a second all-to-all returns the
+  outputs to the row bands. A layer transposes when that moves fewer bytes over all ranks than
+  the column routes' summaries, :func:`transposition_pays`; with ``N = 16`` it is the case at
+  every level of the benchmark model.
 
 The result equals the single-process forward up to rounding (float32 about 1e-6, float64 about
 1e-15). Only inference: the model must be in eval mode (drop-path is random in training).
@@ -38,6 +47,7 @@ from kscan.kernels.scan_reference import discretize
 from kscan.models.mhs import MHSMixer
 from kscan.models.vmunet import SS2D, VMUNet, VSSBlock, route_ssm_inputs
 from kscan.pipelines.parallel.chains import (
+    LocalPass,
     finish,
     gathered_summaries,
     incoming_states,
@@ -46,6 +56,45 @@ from kscan.pipelines.parallel.chains import (
     route_plan,
 )
 from kscan.pipelines.parallel.comm import Comm
+
+TRANSPOSED_ROUTES = {"cols": "rows", "cols_reversed": "rows_reversed"}
+"""Column routes and the route that reads the transposed map the same way."""
+
+
+def even_bounds(size: int, ranks: int) -> tuple[int, ...]:
+    """Bounds ``(0, ..., size)`` of ``ranks`` parts of ``size`` differing by at most one (the
+    first parts take the extra); ``size >= ranks``."""
+    units, extra = divmod(size, ranks)
+    bounds = [0]
+    for r in range(ranks):
+        bounds.append(bounds[-1] + units + (r < extra))
+    return tuple(bounds)
+
+
+def transposition_pays(
+    routes: Sequence[str], bounds: tuple[int, ...], width: int, n_state: int
+) -> bool:
+    """Whether the column routes of ``routes`` should run transposed on a map of ``width``
+    columns cut at rows ``bounds``: when the two all-to-alls (the map's ``d`` channels out, one
+    output per column route back) and the column routes' one-segment summaries move fewer
+    elements over all ranks than their summaries in row bands. The same on every rank (it
+    depends on shapes only); False with one rank or fewer columns than ranks. Per channel and
+    sample, over all ranks: summaries ``P (P - 1) S 2 N`` per route (``S`` the most segments
+    one rank holds); transposition ``(H W - sum_r h_r w_r) (1 + routes)`` plus
+    ``P (P - 1) 2 N`` per route."""
+    ranks, height = len(bounds) - 1, bounds[-1]
+    columns = [name for name in routes if name in TRANSPOSED_ROUTES]
+    if ranks == 1 or width < ranks or not columns:
+        return False
+    pairs, summary = ranks * (ranks - 1), 2 * n_state
+    in_bands = sum(
+        pairs * padded_length(route_plan(name, height, width, bounds, 0).counts) * summary
+        for name in columns
+    )
+    heights, widths = (torch.diff(torch.tensor(b)) for b in (bounds, even_bounds(width, ranks)))
+    own = int((heights * widths).sum())  # the block each rank keeps
+    transposed = (height * width - own) * (1 + len(columns)) + len(columns) * pairs * summary
+    return transposed < in_bands
 
 
 def band_bounds(height: int, ranks: int, multiple: int) -> tuple[int, ...]:
@@ -56,11 +105,7 @@ def band_bounds(height: int, ranks: int, multiple: int) -> tuple[int, ...]:
             f"x: expected H a multiple of {multiple} and at least {ranks} x {multiple} = "
             f"{ranks * multiple} rows for {ranks} bands, got H={height}"
         )
-    units, extra = divmod(height // multiple, ranks)
-    bounds = [0]
-    for r in range(ranks):
-        bounds.append(bounds[-1] + (units + (r < extra)) * multiple)
-    return tuple(bounds)
+    return tuple(b * multiple for b in even_bounds(height // multiple, ranks))
 
 
 class BandParallelSegmenter:
@@ -70,15 +115,23 @@ class BandParallelSegmenter:
     Call it with the whole image ``x (batch, c, H, W)`` on every rank to get the whole output
     on every rank, or use :meth:`forward_band` with this rank's band only. ``comm`` holds the byte
     counters. Without a process group it runs as one rank (the plain forward, through the band
-    code).
+    code). ``transpose_columns``: run the column routes transposed when
+    :func:`transposition_pays` (None), whenever there are at least as many columns as ranks
+    (True), or never (False).
     """
 
-    def __init__(self, model: VMUNet, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        model: VMUNet,
+        group: dist.ProcessGroup | None = None,
+        transpose_columns: bool | None = None,
+    ) -> None:
         if not isinstance(model, VMUNet):
             raise ConfigError(f"model: expected a VMUNet or MHSVM, got {type(model).__name__}")
         self.model = model
         self.comm = Comm(group)
         self.multiple = model.config.size_multiple
+        self.transpose_columns = transpose_columns
         self._bounds: tuple[int, ...] | None = None
         self._swaps: list[tuple[VSSBlock, nn.Module, nn.Module]] = []
         for block in model.modules():
@@ -170,25 +223,71 @@ class BandParallelSegmenter:
         """The route-scan hook of :mod:`kscan.models.vmunet` for the band ``x (batch, d, h, W)``
         read along each of ``routes`` over the whole image: ``(batch, K, d, h, W)``, entry ``k``
         being route ``k``'s outputs at this band's pixels. The scan inputs are the model's own
-        (:func:`~kscan.models.vmunet.route_ssm_inputs`, per pixel, in band row-major order)."""
+        (:func:`~kscan.models.vmunet.route_ssm_inputs`, per pixel, in band row-major order);
+        column routes run on the transposed map when :func:`transposition_pays`."""
         batch, inner, rows, width = x.shape
         bounds = self.level_bounds(rows)
-        rank, K = self.comm.rank, len(routes)
-        xs = x.flatten(2).unsqueeze(1).expand(-1, K, -1, -1)  # every route reads every pixel
-        u, dts, A, bs, cs, Ds, bias = route_ssm_inputs(ssm, xs)
-        passes = []
-        for k, name in enumerate(routes):
-            plan = route_plan(name, bounds[-1], width, bounds, rank, x.device)
-            ch = slice(k * inner, (k + 1) * inner)
-            delta = discretize(dts[:, ch], bias[ch], True)
-            passes.append(local_pass(plan, u[:, ch], delta, A[ch], bs[:, k], cs[:, k], Ds[ch]))
-        per_rank = self._exchange([p.summaries for p in passes], [p.plan.counts for p in passes])
+        rank, height = self.comm.rank, bounds[-1]
+        ranks = len(bounds) - 1
+        transposed = (
+            transposition_pays(routes, bounds, width, ssm.d_state)
+            if self.transpose_columns is None
+            else self.transpose_columns and 1 < ranks <= width
+        )
+        column = [k for k, name in enumerate(routes) if transposed and name in TRANSPOSED_ROUTES]
+        banded = [k for k in range(len(routes)) if k not in column]
+        columns = even_bounds(width, ranks) if column else ()
+        sources = [(x, banded, bounds, height, width, lambda name: name)]
+        if column:
+            xt = self._to_column_band(x, bounds, columns).transpose(-2, -1)  # (b, d, w, H)
+            sources.append((xt, column, columns, width, height, TRANSPOSED_ROUTES.__getitem__))
+        passes: dict[int, LocalPass] = {}
+        for band, chosen, cuts, grid_h, grid_w, rename in sources:
+            xs = band.flatten(2).unsqueeze(1).expand(-1, len(chosen), -1, -1)
+            u, dts, A, bs, cs, Ds, bias = route_ssm_inputs(ssm, xs, chosen)
+            for i, k in enumerate(chosen):
+                plan = route_plan(rename(routes[k]), grid_h, grid_w, cuts, rank, x.device)
+                ch = slice(i * inner, (i + 1) * inner)
+                delta = discretize(dts[:, ch], bias[ch], True)
+                passes[k] = local_pass(plan, u[:, ch], delta, A[ch], bs[:, i], cs[:, i], Ds[ch])
+        ordered = [passes[k] for k in range(len(routes))]
+        per_rank = self._exchange([p.summaries for p in ordered], [p.plan.counts for p in ordered])
         ys = []
-        for k, p in enumerate(passes):
+        for k, p in enumerate(ordered):
             everything = gathered_summaries(p.plan, [r[k] for r in per_rank])
             h_in = incoming_states(everything)[p.plan.owner == rank]
             ys.append(finish(p, h_in))
+        if column:
+            w = columns[rank + 1] - columns[rank]
+            out = torch.stack([ys[k] for k in column], 1).unflatten(-1, (w, height))
+            back = self._to_row_band(out.transpose(-2, -1), bounds, columns)
+            for i, k in enumerate(column):
+                ys[k] = back[:, i].flatten(-2)
         return torch.stack(ys, dim=1).unflatten(-1, (rows, width))
+
+    def _to_column_band(
+        self, x: torch.Tensor, rows: tuple[int, ...], columns: tuple[int, ...]
+    ) -> torch.Tensor:
+        """This rank's columns ``[columns[rank], columns[rank+1])`` of every row, ``(..., H, w)``,
+        from every rank's row band ``x (..., h_r, W)`` (one all-to-all)."""
+        rank = self.comm.rank
+        pieces = [x[..., a:b].contiguous() for a, b in zip(columns, columns[1:], strict=False)]
+        width = columns[rank + 1] - columns[rank]
+        shapes = [(*x.shape[:-2], b - a, width) for a, b in zip(rows, rows[1:], strict=False)]
+        return torch.cat(self.comm.all_to_all(pieces, shapes, "transpose"), dim=-2)
+
+    def _to_row_band(
+        self, x: torch.Tensor, rows: tuple[int, ...], columns: tuple[int, ...]
+    ) -> torch.Tensor:
+        """The inverse of :meth:`_to_column_band`: this rank's rows of every column, ``(..., h,
+        W)``, from every rank's column band ``x (..., H, w_r)``."""
+        rank = self.comm.rank
+        pieces = [x[..., a:b, :].contiguous() for a, b in zip(rows, rows[1:], strict=False)]
+        height = rows[rank + 1] - rows[rank]
+        shapes = [
+            (*x.shape[:-2], height, d - c) for c, d in zip(columns, columns[1:], strict=False)
+        ]
+        return torch.cat(self.comm.all_to_all(pieces, shapes, "transpose"), dim=-1)
 
     def _exchange(
         self, summaries: list[torch.Tensor], counts: list[tuple[int, ...]]
@@ -227,11 +326,14 @@ class _BandMixer(nn.Module):
         return self.inner(x, conv=self.runner.conv, scans=self.runner.route_scans)
 
 
-def segment_in_bands(model: VMUNet, x: torch.Tensor) -> dict[str, object]:
+def segment_in_bands(
+    model: VMUNet, x: torch.Tensor, transpose_columns: bool | None = None
+) -> dict[str, object]:
     """One rank's part of a band-parallel forward (for :func:`~kscan.pipelines.parallel.launch`):
     ``{"output": (batch, classes, H, W) on rank 0 (None elsewhere), "sent": {...},
-    "received": {...}}`` with this rank's byte counts per kind of exchange."""
-    runner = BandParallelSegmenter(model.eval())
+    "received": {...}}`` with this rank's byte counts per kind of exchange;
+    ``transpose_columns`` as for :class:`BandParallelSegmenter`."""
+    runner = BandParallelSegmenter(model.eval(), transpose_columns=transpose_columns)
     out = runner(x)
     return {
         "output": out if runner.comm.rank == 0 else None,

@@ -8,11 +8,12 @@ Byte counts are per rank and per kind of exchange (``"halo"``, ``"summaries"``, 
 ``b`` bytes per rank counts ``(P - 1) b`` sent and received, the least any algorithm moves in and
 out of each rank (ring all-gathers move exactly that); an all-reduce of ``b`` bytes counts
 ``2 (P - 1) b / P`` each way (a ring reduce-scatter then all-gather), a reduce-scatter into
-pieces of ``b`` bytes ``(P - 1) b``.
+pieces of ``b`` bytes ``(P - 1) b``, an all-to-all the pieces for the other ranks.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -94,6 +95,25 @@ class Comm:
         self.sent[kind] += nbytes
         self.received[kind] += nbytes
         return out
+
+    def all_to_all(
+        self, pieces: list[torch.Tensor], shapes: list[tuple[int, ...]], kind: str
+    ) -> list[torch.Tensor]:
+        """Send ``pieces[q]`` to rank ``q``; returns what each rank ``r`` sent here, shaped
+        ``shapes[r]`` (one dtype throughout; sizes may differ between ranks). One collective
+        (``all_to_all_single`` with split sizes); a rank's piece for itself is not counted."""
+        if self.world_size == 1:
+            return [pieces[0].reshape(shapes[0])]
+        flat = torch.cat([p.reshape(-1) for p in pieces])
+        sizes_in = [p.numel() for p in pieces]
+        sizes_out = [math.prod(shape) for shape in shapes]
+        out = flat.new_empty(sum(sizes_out))
+        dist.all_to_all_single(out, flat, sizes_out, sizes_in, group=self.group)
+        self.calls[kind] += 1
+        size = flat.element_size()
+        self.sent[kind] += size * (sum(sizes_in) - sizes_in[self.rank])
+        self.received[kind] += size * (sum(sizes_out) - sizes_out[self.rank])
+        return [part.view(shape) for part, shape in zip(out.split(sizes_out), shapes, strict=True)]
 
     def all_gather_rows(self, x: torch.Tensor, heights: list[int], kind: str) -> torch.Tensor:
         """Bands ``x (..., heights[rank], W)`` of every rank, concatenated along rows.

@@ -9,10 +9,16 @@ from torch import distributed as dist
 from kscan.pipelines.parallel import segment_in_bands
 
 
-def run_cases(cases):
-    """``segment_in_bands`` for each ``(model, x)``; rank 0's outputs, byte counts per rank."""
-    results = [segment_in_bands(model, x) for model, x in cases]
-    return [(r["output"], r["sent"], r["received"]) for r in results]
+def run_cases(cases, transpose_columns=(None,)):
+    """``segment_in_bands`` for each ``(model, x)`` and each column mode; per case and mode rank
+    0's output and this rank's byte counts."""
+    return [
+        [
+            (r["output"], r["sent"], r["received"])
+            for r in (segment_in_bands(model, x, mode) for mode in transpose_columns)
+        ]
+        for model, x in cases
+    ]
 
 
 def fail_on_rank_one():

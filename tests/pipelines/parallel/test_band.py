@@ -20,6 +20,7 @@ from kscan.pipelines.parallel import (
     band_bounds,
     launch,
 )
+from kscan.pipelines.parallel.band import even_bounds, transposition_pays
 from kscan.pipelines.parallel.chains import (
     finish,
     gathered_summaries,
@@ -125,6 +126,21 @@ def test_band_bounds():
         band_bounds(96, 4, 32)
 
 
+def test_transposition_pays_when_it_moves_fewer_elements():
+    """64 x 64 map in two row bands, VM-UNet's routes. In bands each rank holds 64 segments of
+    each column route: 2 ranks x 1 peer x 64 x 2N summary elements per route. Transposed: the
+    off-diagonal half of the map out and two outputs back, 2048 x 3, plus 2 x 2N per route."""
+    routes, bounds = ("rows", "cols", "rows_reversed", "cols_reversed"), (0, 32, 64)
+    n = 16
+    assert 2 * (2 * 64 * 2 * n) > 2048 * 3 + 2 * (2 * 2 * n)
+    assert transposition_pays(routes, bounds, 64, n)
+    assert not transposition_pays(routes, bounds, 64, 1)  # 512 < 6148
+    assert not transposition_pays(("rows", "rows_reversed"), bounds, 64, n)
+    assert not transposition_pays(routes, (0, 64), 64, n)  # one rank
+    assert not transposition_pays(routes, (0, 32, 64), 1, n)  # fewer columns than ranks
+    assert even_bounds(10, 4) == (0, 3, 6, 8, 10)
+
+
 def test_one_rank_runs_the_band_code_and_equals_the_forward():
     model, x = tiny_vmunet(), image()
     got = BandParallelSegmenter(model)(x)
@@ -164,20 +180,28 @@ def check_float32(output, model, x):
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_band_parallel_equals_single_process(workers, ranks):
+    """Every case with the column routes in row bands (summaries) and transposed (all-to-all):
+    both equal the single process; transposing trades summaries for transposition bytes."""
     cases = _cases()
-    results = launch(workers.run_cases, ranks, ([(m, x) for _, m, x, _ in cases],))
-    for (name, model, x, tol), (output, _, _) in zip(cases, results[0], strict=True):
+    modes = (False, True)
+    results = launch(workers.run_cases, ranks, ([(m, x) for _, m, x, _ in cases], modes))
+    for (name, model, x, tol), per_mode in zip(cases, results[0], strict=True):
         expected = single(model, x)
-        assert output.shape == expected.shape
-        if tol is None:
-            check_float32(output, model, x)
-        else:
-            torch.testing.assert_close(output, expected, rtol=0, atol=tol, msg=name)
-    halo = [per_case[0][1]["halo"] for per_case in results]  # one neighbour at the border
+        for mode, (output, _, _) in zip(modes, per_mode, strict=True):
+            assert output.shape == expected.shape
+            if tol is None:
+                check_float32(output, model, x)
+            else:
+                torch.testing.assert_close(
+                    output, expected, rtol=0, atol=tol, msg=f"{name}, transposed: {mode}"
+                )
+    halo = [per_rank[0][0][1]["halo"] for per_rank in results]  # one neighbour at the border
     assert halo == [halo[0] * (1 if r in (0, ranks - 1) else 2) for r in range(ranks)]
-    for per_case in results:
-        sent, received = per_case[0][1], per_case[0][2]
-        assert sent["summaries"] > 0 and received == sent
+    for per_rank in results:
+        (_, banded, received), (_, transposed, _) = per_rank[0]
+        assert banded["summaries"] > 0 and received == banded and "transpose" not in banded
+        assert transposed["transpose"] > 0
+        assert transposed["summaries"] < banded["summaries"]
 
 
 @pytest.mark.slow
