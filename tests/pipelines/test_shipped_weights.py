@@ -11,7 +11,7 @@ SHIPPED = sorted(checkpoint.WEIGHTS_DIR.glob("*.safetensors"))
 
 def test_the_shipped_models_are_there():
     names = {p.stem for p in SHIPPED}
-    for name in ("rvn", "varnet", "vmunet", "mhs-vm", "idslr"):
+    for name in ("rvn", "varnet", "vmunet", "mhs-vm", "idslr", "segnet"):
         assert name in names
     assert {"joint-rvn-vmunet", "sequential-rvn-vmunet", "joint-rvn-mhsvm"} <= names
 
