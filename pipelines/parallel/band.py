@@ -22,8 +22,8 @@ the band unchanged; each VSS block's mixer (:class:`~kscan.models.vmunet.SS2D` o
   rank, and their summaries dominate the exchange. An all-to-all can instead give each rank a
   band of whole columns: the ``H x W`` map read column by column is the transposed ``W x H`` map
   read row by row, one segment per rank. Each rank then scans its column band as the rows route
-  of the transposed map (``cols`` -> ``rows``, ``cols_reversed`` -> ``rows_reversed``, the tiny
-  summaries joining the others in the one all-gather), and a second all-to-all returns the
+  of the transposed map (``cols`` -> ``rows``, ``snake_cols`` -> ``snake_rows`` and their
+  reverses, the tiny summaries joining the others in the one all-gather), and a second all-to-all returns the
   outputs to the row bands. A layer transposes when that moves fewer bytes over all ranks than
   the column routes' summaries, :func:`transposition_pays`; with ``N = 16`` it is the case at
   every level of the benchmark model.
@@ -57,8 +57,15 @@ from kscan.pipelines.parallel.chains import (
 )
 from kscan.pipelines.parallel.comm import Comm
 
-TRANSPOSED_ROUTES = {"cols": "rows", "cols_reversed": "rows_reversed"}
-"""Column routes and the route that reads the transposed map the same way."""
+TRANSPOSED_ROUTES = {
+    "cols": "rows",
+    "cols_reversed": "rows_reversed",
+    "snake_cols": "snake_rows",
+    "snake_cols_reversed": "snake_rows_reversed",
+}
+"""Column routes and the route that reads the transposed map the same way (MHS-VM's snake
+family too: down the first column, up the next, is along the transposed map's first row, back
+along the next)."""
 
 
 def even_bounds(size: int, ranks: int) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from kscan.pipelines.parallel import (
     band_bounds,
     launch,
 )
-from kscan.pipelines.parallel.band import even_bounds, transposition_pays
+from kscan.pipelines.parallel.band import TRANSPOSED_ROUTES, even_bounds, transposition_pays
 from kscan.pipelines.parallel.chains import (
     finish,
     gathered_summaries,
@@ -124,6 +124,14 @@ def test_band_bounds():
     assert band_bounds(160, 4, 32) == (0, 64, 96, 128, 160)
     with pytest.raises(ShapeError, match="at least 4 x 32 = 128 rows"):
         band_bounds(96, 4, 32)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSPOSED_ROUTES))
+def test_a_column_route_is_its_partner_on_the_transposed_map(name):
+    for height, width in ((8, 6), (5, 7), (4, 4)):
+        order = route(TRANSPOSED_ROUTES[name], width, height)  # indices into the W x H map
+        column, row = order // height, order % height
+        assert torch.equal(route(name, height, width), row * width + column)
 
 
 def test_transposition_pays_when_it_moves_fewer_elements():
