@@ -29,5 +29,7 @@ if [ -d third_party/mamba/csrc/selective_scan ]; then
 fi
 timeout 420 python3 "${bench[@]}" --repeats 20 --out "$OUT/scan_gpu.json" 2>&1 \
     | tee "$OUT/scan_gpu.txt"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels >"$OUT/pytest_kernels.txt" 2>&1
+# test_triton_compile.py compiles for sm_90 without a GPU: CI runs it, the GPU time is not spent on it
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels \
+    --ignore=tests/kernels/test_triton_compile.py >"$OUT/pytest_kernels.txt" 2>&1
 echo "pytest tests/kernels: exit $? ($(tail -n 1 "$OUT/pytest_kernels.txt"))"
