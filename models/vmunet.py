@@ -283,14 +283,18 @@ def route_ssm_inputs(
     """
     batch, count, inner, length = xs.shape
     every = module.x_proj_weight.shape[0]
-    chosen = list(range(every)) if routes is None else list(routes)
 
-    def per_route(p: torch.Tensor) -> torch.Tensor:  # (K*d, ...) or (K, ...) -> chosen routes
-        return p.view(every, -1, *p.shape[1:])[chosen].flatten(0, 1)
+    def per_route(p: torch.Tensor) -> torch.Tensor:
+        """A parameter stacked over the ``K`` routes (``(K, ...)`` or ``(K*d, ...)``), limited to
+        ``routes`` (as is without them: no copy on the plain forward)."""
+        if routes is None:
+            return p
+        return p.view(every, -1, *p.shape[1:])[list(routes)].reshape(-1, *p.shape[1:])
 
-    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, module.x_proj_weight[chosen])
+    x_proj = per_route(module.x_proj_weight)
+    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj)
     dts, bs, cs = x_dbl.split([module.dt_rank, module.d_state, module.d_state], dim=2)
-    dts = torch.einsum("bkrl,kdr->bkdl", dts, module.dt_projs_weight[chosen])
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, per_route(module.dt_projs_weight))
     compute = torch.promote_types(xs.dtype, torch.float32)
     return (
         xs.reshape(batch, count * inner, length).to(compute),
@@ -299,7 +303,7 @@ def route_ssm_inputs(
         bs.to(compute).contiguous(),
         cs.to(compute).contiguous(),
         per_route(module.Ds).to(compute),
-        module.dt_projs_bias[chosen].reshape(-1).to(compute),
+        per_route(module.dt_projs_bias).reshape(-1).to(compute),
     )
 
 
