@@ -256,11 +256,34 @@ NUMBA_CASES = [  # batch, D, N, L, groups, extras
     (2, 4, 4, 1, 2, True),
     (1, 6, 1, 37, None, True),  # N = 1, L not a multiple of the chunk
     (2, 8, 16, 100, 2, True),  # N = 16, grouped
-    (1, 8, 4, 64, 4, False),  # two full chunks
+    (1, 8, 4, 64, 4, False),  # whole chunks only
     (1, 80, 4, 33, None, True),  # a block of 64 channels and a short one
     (1, 160, 2, 40, None, True),  # three blocks per group: three parts in the backward
     (2, 72, 3, 20, 2, False),  # 36 channels per group
 ]
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-7), (torch.float64, 1e-15)])
+def test_numba_exp2_is_accurate_and_clamped(dtype, tol):
+    """The kernels' vectorisable ``2^e`` against numpy's, across and beyond the clamped range."""
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def exp2_all(e, c, out):
+        k = scan_numba._exp2_constants(c)
+        for i in range(e.shape[0]):
+            out[i] = scan_numba._exp2(e[i], k)
+
+    c = scan_numba._constants(dtype)
+    lo, hi = float(c[0]), float(c[1])
+    e = np.linspace(lo - 8.0, hi + 8.0, 200_001).astype(c.dtype)
+    out = np.empty_like(e)
+    exp2_all(e, c, out)
+    expected = np.exp2(np.clip(e.astype(np.float64), lo, hi))
+    assert np.all(np.abs(out / expected - 1.0) < tol)
+    assert out[0] == 2.0**lo and out[-1] == 2.0**hi  # clamped, never subnormal or infinite
 
 
 @needs_numba
