@@ -60,7 +60,7 @@ runs ``dh_t = C_t g_t + a_{t+1} dh_{t+1}`` backwards over the chunk and forms
 recomputed) and ``d initial_state = a_0 dh_0``.
 
 Determinism. Every sum runs in a fixed order that does not depend on the number of threads:
-``dB_t, dC_t`` sum a block's lanes in the order of :func:`_lane_sums`' compiled vector reduction
+``dB_t, dC_t`` sum a block's lanes in the order of :func:`_lane_dots`' compiled vector reduction
 (fixed per machine and build: a CPU with other vector widths may round differently);
 the backward's tasks are ``(batch, group, part)`` with the same number of consecutive channel
 blocks per part, each part adding its blocks in order into its own ``(N, L)`` buffer (part 0 into
@@ -325,21 +325,20 @@ def _forward_kernel(
 
 
 @numba.njit(fastmath={"reassoc"}, cache=True)
-def _lane_sums(QB, QC, DB, DC, N, w):
-    """``DB[n] = sum_r QB[n, r]`` and ``DC[n] = sum_r QC[n, r]`` for ``(N, w)`` flat ``QB, QC``:
-    the one function compiled with reassociation allowed, so that LLVM vectorises the sums
-    (vector partial sums, then a horizontal reduction); the order is fixed by the compiled code,
-    the same on every call and for any number of threads. Scalar sums (without reassociation
-    LLVM keeps the sequential order) took about a fifth of the backward's time, and one call per
-    sum instead of one per step 7%."""
+def _lane_dots(P, p, Q, q, DP, DQ, N, w):
+    """``DP[n] = sum_r P[n, r] p[r]`` and ``DQ[n] = sum_r Q[n, r] q[r]`` for ``(N, w)`` flat
+    ``P, Q``: the one function compiled with reassociation allowed, so that LLVM vectorises the
+    sums (vector partial sums, then a horizontal reduction); the order is fixed by the compiled
+    code, the same on every call and for any number of threads. Scalar sums (without
+    reassociation LLVM keeps the sequential order) took about a fifth of the backward's time."""
     for n in range(N):
-        qb, qc = QB[n * w : (n + 1) * w], QC[n * w : (n + 1) * w]
-        sb, sc = QB.dtype.type(0), QC.dtype.type(0)
+        pn, qn = P[n * w : (n + 1) * w], Q[n * w : (n + 1) * w]
+        sp, sq = P.dtype.type(0), Q.dtype.type(0)
         for r in range(w):
-            sb += qb[r]
+            sp += pn[r] * p[r]
         for r in range(w):
-            sc += qc[r]
-        DB[n], DC[n] = sb, sc
+            sq += qn[r] * q[r]
+        DP[n], DQ[n] = sp, sq
 
 
 @numba.njit(parallel=True, fastmath={"contract"}, cache=True)
@@ -373,8 +372,6 @@ def _backward_kernel(
             AT2 = np.empty(nl, u.dtype)
             carry = np.zeros(nl, u.dtype)
             dAacc = np.zeros(nl, u.dtype)
-            QB = np.empty(nl, u.dtype)
-            QC = np.empty(nl, u.dtype)
             DT = np.empty(CHUNK * w, u.dtype)
             X = np.empty(CHUNK * w, u.dtype)
             U = np.empty(CHUNK * w, u.dtype)
@@ -457,28 +454,29 @@ def _backward_kernel(
                     for n in range(N):
                         bt, ct = BT[t * N + n], CT[t * N + n]
                         k0, k1 = t * nl + n * w, t * nl + (n + 1) * w
-                        a, hp, hn = Pb[k0:k1], Hb[k0:k1], Hb[k0 + nl : k1 + nl]
+                        a, hp = Pb[k0:k1], Hb[k0:k1]
                         at, cr, da = (
                             AT[n * w : (n + 1) * w],
                             carry[n * w : (n + 1) * w],
                             dAacc[n * w : (n + 1) * w],
                         )
-                        qb, qc = QB[n * w : (n + 1) * w], QC[n * w : (n + 1) * w]
-                        # three short loops: LLVM vectorises a loop only when it can check
+                        # two short loops: LLVM vectorises a loop only when it can check
                         # the overlap of every pair of arrays it touches at run time
                         for r in range(w):  # cr <- dh_t
                             dh = cr[r] + ct * gt[r]
                             cr[r] = dh
-                            qb[r] = dh * xt[r]
                             S[r] += dh * bt
                         for r in range(w):
                             q = cr[r] * a[r] * hp[r]
                             Sa[r] += at[r] * q
                             da[r] += dtt[r] * q
-                        for r in range(w):  # cr <- a_t dh_t, the carry into step t - 1
-                            qc[r] = gt[r] * hn[r]
-                            cr[r] *= a[r]
-                    _lane_sums(QB, QC, DBT[t * N : (t + 1) * N], DCT[t * N : (t + 1) * N], N, w)
+                    _lane_dots(
+                        carry, xt, Hb[(t + 1) * nl : (t + 2) * nl], gt,
+                        DBT[t * N : (t + 1) * N], DCT[t * N : (t + 1) * N], N, w,
+                    )  # fmt: skip
+                    pt = Pb[t * nl : (t + 1) * nl]
+                    for i in range(nl):  # the carry into step t - 1, a_t dh_t
+                        carry[i] *= pt[i]
                     du_t, ddt_t = DU[t * w : (t + 1) * w], DDT[t * w : (t + 1) * w]
                     ut, spt = U[t * w : (t + 1) * w], SP[t * w : (t + 1) * w]
                     for r in range(w):
@@ -552,7 +550,7 @@ def scratch_bytes(n_state: int, dtype: torch.dtype) -> tuple[int, int]:
     size = 8 if dtype == torch.float64 else 4
     nl, tile, bc = n_state * BLOCK, CHUNK * BLOCK, CHUNK * n_state
     forward = 2 * nl + 3 * tile + 2 * bc
-    backward = (2 * CHUNK + 7) * nl + 8 * tile + 4 * BLOCK + 4 * bc
+    backward = (2 * CHUNK + 5) * nl + 8 * tile + 4 * BLOCK + 4 * bc
     return forward * size, backward * size
 
 
