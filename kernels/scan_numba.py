@@ -11,20 +11,18 @@ the vector lanes. Its state is held as ``(N, w)`` (``w`` channels) in a local ar
 loop runs over the ``w`` lanes of one row of it, through a slice (numba's loop vectoriser needs a
 runtime trip count and plain non-negative indices: a constant 16-lane loop is fully unrolled into
 scalar code, as numba leaves LLVM's SLP vectoriser off). ``y_t = sum_n C_t h_t`` accumulates over
-``n`` lane-wise, in ascending ``n``, with no horizontal sum. The ``Delta, u`` tiles are loaded
-walking the ``(batch, D, L)`` tensors along ``t``, one channel after another: channels lie ``4 L``
-bytes apart, a multiple of 4 KB at ``L = 4096``, so a load loop across channels hits one L1 cache
-set again and again (it took a quarter of the forward's time at batch 2, D 64, N 16, L 4096).
-Writing ``y`` and the gradients from the tiles also walks along ``t`` (contiguous stores). Each
-transposing loop takes a channel's steps as a contiguous slice of its ``(batch, D, L)`` row and the
-tile's column as a strided slice, and indexes both with the loop counter: indexing the 3-D tensors
-and the flat tiles directly cost an index computation and a negative-index check per element (the
-backward was 10% slower). These transposing loops run best as scalar code: vectorised, one side of
-them becomes a gather or a scatter, slower on AMD Zen than scalar loads and stores. LLVM does not
-vectorise a loop that carries a floating-point sum (without reassociation it cannot reorder the
-additions), so each of them carries one: the gradients' sums over ``t`` where there is one, and
-elsewhere the sum of the discretised ``Delta`` (returned by the kernels and otherwise unused; it
-made the backward kernel about 10% faster, the forward 4%).
+``n`` lane-wise, in ascending ``n``, with no horizontal sum. The ``(batch, D, L)`` tensors (``u``,
+``delta``, ``z``, ``y`` and the gradients) and the ``N`` rows of ``B, C, dB, dC`` run along ``t``,
+while the kernels want a step's channels side by side: each chunk is transposed into and out of
+``(CHUNK, w)`` tiles (:func:`_tile_in`, :func:`_tile_out`) by square blocks of 64 bytes a side
+(:func:`_transpose_block`, vector loads, shuffles and vector stores written in LLVM's IR), and
+every elementwise step (``delta_bias``, softplus, ``Delta u``, ``D u``, the gate, the sums over
+``t`` of ``dD`` and ``d delta_bias``, lane by lane in the order of ``t``) then runs on whole tile
+rows. Transposing element by element in scalar code took about 40% of the backward's time (timed by
+removing those loops in turn; vectorised by LLVM, one side became a gather or a scatter, slower
+still); the blocks made the backward 20% faster than that. Reading across channels element by
+element would also hit one L1 cache set again and again: channels lie ``4 L`` bytes apart, a
+multiple of 4 KB at ``L = 4096``.
 
 Decays. ``exp(Delta A) = 2^(Delta A log2 e)`` is computed in vectorisable arithmetic (numba has no
 vector ``exp`` without Intel's SVML), inside the loop that updates the state (:func:`_exp2`): ``e =
@@ -43,9 +41,9 @@ allow LLVM one fast-math liberty, ``contract``: fused multiply-adds, one roundin
 Forward. The block walks ``L`` in chunks of ``CHUNK`` steps. For each chunk it saves the state
 entering it (only when a backward pass will follow): ``(batch, D, ceil(L / CHUNK), N)``, ``1 /
 CHUNK`` of the ``(batch, D, L, N)`` state tensor. ``CHUNK`` 16 rather than 32 keeps the backward's
-per-chunk buffers half the size (it ran about 15% faster on a Zen 4 machine, whose L1 holds 32 KB),
-and the saved states within the 1/8 memory budget. It loads the chunk's ``Delta`` (with
-``delta_bias`` and softplus applied) and ``Delta u`` into ``(CHUNK, w)`` tiles, then per step
+per-chunk buffers half the size (forward+backward about 13% faster on a Zen 4 machine, whose L1
+holds 32 KB), and the saved states within the 1/8 memory budget. It loads the chunk's ``Delta``
+(with ``delta_bias`` and softplus applied) and ``Delta u`` into ``(CHUNK, w)`` tiles, then per step
 computes the decays, updates the state and accumulates ``y_t``, and writes ``(y_t + D u_t)
 silu(z_t)``.
 
@@ -180,45 +178,119 @@ def _exp2_overload(e, k):
     return exp2_float64
 
 
-@numba.njit(inline="always")
-def _load_steps(delta, u, bias, softplus, bi, d0, w, t0, m, DT, X, U, SP, full):
-    """Tiles ``(m, w)`` (flat, row ``t``) of the steps ``t0 .. t0+m-1`` of channels
-    ``d0 .. d0+w-1``: ``DT`` the discretised ``Delta``, ``X = Delta u`` and, if ``full`` (the
-    backward), ``U = u`` and ``SP`` the derivative of ``Delta`` in ``delta``. Returns the sum of
-    ``DT``, a by-product that keeps the loop scalar (see the module docstring, Layout). The
-    forward stores two tiles, not four: it was 5 to 15% faster in interleaved timings."""
-    total = 0.0
-    for r in range(w):  # each channel's steps in order (see the module docstring, Layout)
-        drow, urow = delta[bi, d0 + r, t0 : t0 + m], u[bi, d0 + r, t0 : t0 + m]
-        dcol, xcol, ucol, scol = DT[r::w], X[r::w], U[r::w], SP[r::w]
-        b = bias[d0 + r] if bias.shape[0] > 0 else 0.0
-        for t in range(m):
-            x = drow[t] + b
-            s = 1.0
-            if softplus and x <= SOFTPLUS_THRESHOLD:
-                e = math.exp(x)
-                s = e / (e + 1.0)
-                x = math.log1p(e)
-            dcol[t] = x
-            xcol[t] = x * urow[t]
-            if full:
-                ucol[t] = urow[t]
-                scol[t] = s
-            total += x
-    return total
+@intrinsic
+def _transpose_block(typingctx, src, s_off, s_stride, dst, d_off, d_stride):
+    """``dst[d_off + j d_stride + i] = src[s_off + i s_stride + j]`` for ``i, j < K``, ``K`` the
+    elements in 64 bytes (16 in float32, 8 in float64); ``src, dst`` flat arrays of one dtype.
+    Written by hand in LLVM's vector IR because numba has no way to express it: ``K`` vector loads,
+    ``log2 K`` rounds of two-source shuffles (each swaps the off-diagonal blocks of a pair of
+    rows), ``K`` vector stores; LLVM lowers the shuffles for the CPU it compiles for."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
+        return None
+    if src.dtype != dst.dtype or not isinstance(src.dtype, types.Float):
+        return None
+    size = 64 // (src.dtype.bitwidth // 8)
+
+    def codegen(context, builder, signature, args):
+        src_v, s_off_v, s_stride_v, dst_v, d_off_v, d_stride_v = args
+        src_data = context.make_array(signature.args[0])(context, builder, src_v).data
+        dst_data = context.make_array(signature.args[3])(context, builder, dst_v).data
+        vector = ir.VectorType(context.get_value_type(signature.args[0].dtype), size)
+
+        def row(data, offset, stride, i):
+            at = builder.add(offset, builder.mul(stride, ir.Constant(stride.type, i)))
+            return builder.bitcast(builder.gep(data, [at]), vector.as_pointer())
+
+        rows = [builder.load(row(src_data, s_off_v, s_stride_v, i), align=1) for i in range(size)]
+        half = size // 2
+        while half:
+            masks = (
+                [j if j & half == 0 else size + j - half for j in range(size)],
+                [j + half if j & half == 0 else size + j for j in range(size)],
+            )
+            lo, hi = (ir.Constant(ir.VectorType(ir.IntType(32), size), mk) for mk in masks)
+            for i in range(size):
+                if i & half == 0:
+                    a, b = rows[i], rows[i + half]
+                    rows[i] = builder.shuffle_vector(a, b, lo)
+                    rows[i + half] = builder.shuffle_vector(a, b, hi)
+            half //= 2
+        for i in range(size):
+            builder.store(rows[i], row(dst_data, d_off_v, d_stride_v, i), align=1)
+        return context.get_dummy_value()
+
+    return types.void(src, s_off, s_stride, dst, d_off, d_stride), codegen
 
 
 @numba.njit(inline="always")
-def _load_bc(B, C, bi, g, t0, m, N, BT, CT):
-    """Tiles ``(m, N)`` (flat, row ``t``) of ``B_t`` and ``C_t`` for the steps ``t0 .. t0+m-1``,
-    read along ``t`` (the ``N`` rows of ``B, C`` lie ``4 L`` bytes apart: read across ``n`` at
-    every step, as before, they shared one L1 cache set with each other and with ``dB, dC``)."""
-    for n in range(N):
-        brow, crow = B[bi, g, n, t0 : t0 + m], C[bi, g, n, t0 : t0 + m]
-        bcol, ccol = BT[n::N], CT[n::N]
-        for t in range(m):
-            bcol[t] = brow[t]
-            ccol[t] = crow[t]
+def _tile_in(src, base, stride, m, w, T):
+    """``T[t w + r] = src[base + r stride + t]`` for ``t < m``, ``r < w`` (``src, T`` flat): ``w``
+    rows of ``m`` steps, ``stride`` apart, transposed into the ``(m, w)`` tile, by blocks of
+    :func:`_transpose_block` and the remainder element by element."""
+    size = 64 // src.itemsize
+    rk, tk = w - w % size, m - m % size
+    for r0 in range(0, rk, size):
+        for s0 in range(0, tk, size):
+            _transpose_block(src, base + r0 * stride + s0, stride, T, s0 * w + r0, w)
+    for r in range(w):
+        row, col = src[base + r * stride : base + r * stride + m], T[r::w]
+        for t in range(tk if r < rk else 0, m):
+            col[t] = row[t]
+
+
+@numba.njit(inline="always")
+def _tile_out(T, dst, base, stride, m, w):
+    """The inverse of :func:`_tile_in`: ``dst[base + r stride + t] = T[t w + r]``."""
+    size = 64 // T.itemsize
+    rk, tk = w - w % size, m - m % size
+    for r0 in range(0, rk, size):
+        for s0 in range(0, tk, size):
+            _transpose_block(T, s0 * w + r0, w, dst, base + r0 * stride + s0, stride)
+    for r in range(w):
+        row, col = dst[base + r * stride : base + r * stride + m], T[r::w]
+        for t in range(tk if r < rk else 0, m):
+            row[t] = col[t]
+
+
+@numba.njit(inline="always")
+def _discretise(DT, U, X, SP, bias, softplus, d0, m, w):
+    """On ``(m, w)`` tiles of channels ``d0 ..``: ``DT <- Delta`` (``delta_bias`` added, then
+    softplus, whose derivative goes to ``SP``) and ``X = Delta u``; ``DT`` holds ``delta`` and
+    ``U`` holds ``u`` on entry."""
+    for t in range(m):
+        dt, ut, xt = DT[t * w : (t + 1) * w], U[t * w : (t + 1) * w], X[t * w : (t + 1) * w]
+        if bias.shape[0] > 0:
+            b = bias[d0 : d0 + w]
+            for r in range(w):
+                dt[r] += b[r]
+        if softplus:
+            sp = SP[t * w : (t + 1) * w]
+            for r in range(w):
+                x = dt[r]
+                s = 1.0
+                if x <= SOFTPLUS_THRESHOLD:
+                    e = math.exp(x)
+                    s = e / (e + 1.0)
+                    x = math.log1p(e)
+                dt[r] = x
+                sp[r] = s
+        for r in range(w):
+            xt[r] = dt[r] * ut[r]
+
+
+@numba.njit(inline="always")
+def _load_chunk(delta, u, B, C, bias, softplus, bi, g, d0, w, t0, m, DT, U, X, SP, BT, CT):
+    """The chunk's ``(m, w)`` tiles ``DT, U, X, SP`` (:func:`_discretise`) and ``(m, N)`` tiles
+    ``B_t, C_t``; ``delta, u`` flat ``(batch, D, L)``, ``B, C`` flat ``(batch, G, N, L)``."""
+    channels, L = delta.shape[1], delta.shape[2]
+    N = B.shape[2]
+    base = (bi * channels + d0) * L + t0
+    _tile_in(delta.reshape(delta.size), base, L, m, w, DT)
+    _tile_in(u.reshape(u.size), base, L, m, w, U)
+    _discretise(DT, U, X, SP, bias, softplus, d0, m, w)
+    base_bc = (bi * B.shape[1] + g) * N * L + t0
+    _tile_in(B.reshape(B.size), base_bc, L, m, N, BT)
+    _tile_in(C.reshape(C.size), base_bc, L, m, N, CT)
 
 
 @numba.njit(inline="always")
@@ -269,59 +341,62 @@ def _forward_kernel(
     Dg = channels // G
     nblk = (Dg + block - 1) // block
     k = _exp2_constants(c)
-    total = 0.0  # the sum of _load_steps's by-products, returned so that it is kept
+    y_flat, z_flat = y.reshape(y.size), z.reshape(z.size)
     for task in numba.prange(batch * G * nblk):
         bi, g, j = task // (G * nblk), (task // nblk) % G, task % nblk
-        task_total = 0.0
         off, w = _block(j, Dg, block)
         d0 = g * Dg + off
         nl = N * w
-        H = np.zeros(nl, u.dtype)
+        # the state before step t is Hs[t % 2]: a step reads one row and writes the other (with
+        # one array updated in place, LLVM's run-time overlap check sent the loop to its scalar
+        # version: the forward took 4x as long)
+        Hs = np.zeros((2, nl), u.dtype)
         AT = np.empty(nl, u.dtype)
         DT = np.empty(CHUNK * w, u.dtype)
+        U = np.empty(CHUNK * w, u.dtype)
         X = np.empty(CHUNK * w, u.dtype)
+        SP = np.empty(CHUNK * w, u.dtype)
         Y = np.empty(CHUNK * w, u.dtype)
+        Z = np.empty(CHUNK * w, u.dtype)
         BT = np.empty(CHUNK * N, u.dtype)
         CT = np.empty(CHUNK * N, u.dtype)
         for r in range(w):
             for n in range(N):
                 AT[n * w + r] = A2[d0 + r, n]
                 if h0.shape[0] > 0:
-                    H[n * w + r] = h0[bi, d0 + r, n]
+                    Hs[0, n * w + r] = h0[bi, d0 + r, n]
         for ch in range((L + CHUNK - 1) // CHUNK):
             t0 = ch * CHUNK
             m = min(CHUNK, L - t0)
             if save:
+                H = Hs[t0 % 2]
                 for r in range(w):
                     for n in range(N):
                         starts[bi, d0 + r, ch, n] = H[n * w + r]
-            task_total += _load_steps(
-                delta, u, bias, softplus, bi, d0, w, t0, m, DT, X, DT, DT, False
-            )
-            _load_bc(B, C, bi, g, t0, m, N, BT, CT)
+            _load_chunk(delta, u, B, C, bias, softplus, bi, g, d0, w, t0, m, DT, U, X, SP, BT, CT)
             for t in range(m):
                 _step(
-                    H, H, AT, DT[t * w : (t + 1) * w], H,
+                    Hs[(t0 + t) % 2], Hs[(t0 + t + 1) % 2], AT, DT[t * w : (t + 1) * w], AT,
                     X[t * w : (t + 1) * w], Y[t * w : (t + 1) * w],
                     BT[t * N : (t + 1) * N], CT[t * N : (t + 1) * N], N, w, k, True, False,
                 )  # fmt: skip
-            for r in range(w):
-                ycol, yrow = Y[r::w], y[bi, d0 + r, t0 : t0 + m]
-                urow = u[bi, d0 + r, t0 : t0 + m]
-                dk = Dskip[d0 + r] if Dskip.shape[0] > 0 else 0.0
+            base = (bi * channels + d0) * L + t0
+            if z.shape[0] > 0:
+                _tile_in(z_flat, base, L, m, w, Z)
+            for t in range(m):
+                yt, ut, zt = Y[t * w : (t + 1) * w], U[t * w : (t + 1) * w], Z[t * w : (t + 1) * w]
+                if Dskip.shape[0] > 0:
+                    dk = Dskip[d0 : d0 + w]
+                    for r in range(w):
+                        yt[r] += dk[r] * ut[r]
                 if z.shape[0] > 0:
-                    zrow = z[bi, d0 + r, t0 : t0 + m]
-                    for t in range(m):
-                        zv = zrow[t]
-                        yrow[t] = (ycol[t] + dk * urow[t]) * (zv / (1.0 + math.exp(-zv)))
-                else:
-                    for t in range(m):
-                        yrow[t] = ycol[t] + dk * urow[t]
+                    for r in range(w):
+                        yt[r] *= zt[r] / (1.0 + math.exp(-zt[r]))
+            _tile_out(Y, y_flat, base, L, m, w)
+        H = Hs[L % 2]
         for r in range(w):
             for n in range(N):
                 last[bi, d0 + r, n] = H[n * w + r]
-        total += task_total
-    return total
 
 
 @numba.njit(fastmath={"reassoc"}, cache=True)
@@ -354,10 +429,10 @@ def _backward_kernel(
     per_part = nblk // parts
     k = _exp2_constants(c)
     has_z = z.shape[0] > 0
-    total = 0.0  # as in the forward kernel
+    gy_flat, z_flat, dz_flat = gy.reshape(gy.size), z.reshape(z.size), dz.reshape(dz.size)
+    du_flat, ddelta_flat = du.reshape(du.size), ddelta.reshape(ddelta.size)
     for task in numba.prange(batch * G * parts):
         bi, g, p = task // (G * parts), (task // parts) % G, task % parts
-        task_total = 0.0
         dBp = dB[bi, g] if p == 0 else dB_extra[bi, g, p - 1]
         dCp = dC[bi, g] if p == 0 else dC_extra[bi, g, p - 1]
         dBp[:] = 0
@@ -378,6 +453,7 @@ def _backward_kernel(
             SP = np.empty(CHUNK * w, u.dtype)
             Gt = np.empty(CHUNK * w, u.dtype)
             Yp = np.empty(CHUNK * w, u.dtype)
+            Z = np.empty(CHUNK * w, u.dtype)
             DU = np.empty(CHUNK * w, u.dtype)
             DDT = np.empty(CHUNK * w, u.dtype)
             S = np.empty(w, u.dtype)
@@ -388,6 +464,7 @@ def _backward_kernel(
             CT = np.empty(CHUNK * N, u.dtype)
             DBT = np.empty(CHUNK * N, u.dtype)
             DCT = np.empty(CHUNK * N, u.dtype)
+            DBC = np.empty(CHUNK * N, u.dtype)  # DBT or DCT transposed, (N, CHUNK)
             for r in range(w):
                 for n in range(N):
                     AT[n * w + r] = A[d0 + r, n]
@@ -397,10 +474,10 @@ def _backward_kernel(
             for ch in range((L + CHUNK - 1) // CHUNK - 1, -1, -1):
                 t0 = ch * CHUNK
                 m = min(CHUNK, L - t0)
-                task_total += _load_steps(
-                    delta, u, bias, softplus, bi, d0, w, t0, m, DT, X, U, SP, True
+                base = (bi * channels + d0) * L + t0
+                _load_chunk(
+                    delta, u, B, C, bias, softplus, bi, g, d0, w, t0, m, DT, U, X, SP, BT, CT
                 )
-                _load_bc(B, C, bi, g, t0, m, N, BT, CT)
                 for r in range(w):
                     for n in range(N):
                         Hb[n * w + r] = starts[bi, d0 + r, ch, n]
@@ -416,31 +493,27 @@ def _backward_kernel(
                         Yp[t * w : (t + 1) * w],
                         BT[t * N : (t + 1) * N], CT[t * N : (t + 1) * N], N, w, k, has_z, True,
                     )  # fmt: skip
-                # the gate and D: g before the gate, dz, dD (summed in a register: a sum kept in
-                # the array would be stored and reloaded at every step)
-                for r in range(w):
-                    acc = dD_acc[r]
-                    grow, gcol, ucol = gy[bi, d0 + r, t0 : t0 + m], Gt[r::w], U[r::w]
+                # the gate and D: g before the gate, dz, dD (per lane, in the order of t)
+                _tile_in(gy_flat, base, L, m, w, Gt)
+                if has_z:
+                    _tile_in(z_flat, base, L, m, w, Z)
+                for t in range(m):
+                    gt, ut = Gt[t * w : (t + 1) * w], U[t * w : (t + 1) * w]
                     if has_z:
-                        ycol, zrow, dzrow = (
-                            Yp[r::w],
-                            z[bi, d0 + r, t0 : t0 + m],
-                            dz[bi, d0 + r, t0 : t0 + m],
-                        )
-                        dk = Dskip[d0 + r] if Dskip.shape[0] > 0 else 0.0
-                        for t in range(m):
-                            gv, zv = grow[t], zrow[t]
+                        yt, zt = Yp[t * w : (t + 1) * w], Z[t * w : (t + 1) * w]
+                        if Dskip.shape[0] > 0:
+                            dk = Dskip[d0 : d0 + w]
+                            for r in range(w):
+                                yt[r] += dk[r] * ut[r]
+                        for r in range(w):
+                            zv = zt[r]
                             sg = 1.0 / (1.0 + math.exp(-zv))
-                            dzrow[t] = gv * (ycol[t] + dk * ucol[t]) * sg * (1.0 + zv * (1.0 - sg))
-                            gv = gv * zv * sg
-                            gcol[t] = gv
-                            acc += gv * ucol[t]
-                    else:
-                        for t in range(m):
-                            gv = grow[t]
-                            gcol[t] = gv
-                            acc += gv * ucol[t]
-                    dD_acc[r] = acc
+                            zt[r] = gt[r] * yt[r] * sg * (1.0 + zv * (1.0 - sg))  # dz
+                            gt[r] = gt[r] * zv * sg
+                    for r in range(w):
+                        dD_acc[r] += gt[r] * ut[r]
+                if has_z:
+                    _tile_out(Z, dz_flat, base, L, m, w)
                 # the reverse scan
                 for t in range(m - 1, -1, -1):
                     gt, dtt, xt = (
@@ -481,34 +554,33 @@ def _backward_kernel(
                     ut, spt = U[t * w : (t + 1) * w], SP[t * w : (t + 1) * w]
                     for r in range(w):
                         du_t[r] = dtt[r] * S[r]
-                        ddt_t[r] = (Sa[r] + ut[r] * S[r]) * spt[r]
+                        ddt_t[r] = Sa[r] + ut[r] * S[r]
+                    if softplus:
+                        for r in range(w):
+                            ddt_t[r] *= spt[r]
                     if Dskip.shape[0] > 0:
                         dk = Dskip[d0 : d0 + w]
                         for r in range(w):
                             du_t[r] += dk[r] * gt[r]
-                for r in range(w):
-                    acc = db_acc[r]
-                    ducol, ddcol = DU[r::w], DDT[r::w]
-                    durow, ddrow = du[bi, d0 + r, t0 : t0 + m], ddelta[bi, d0 + r, t0 : t0 + m]
-                    for t in range(m):
-                        durow[t] = ducol[t]
-                        ddrow[t] = ddcol[t]
-                        acc += ddcol[t]
-                    db_acc[r] = acc
-                for n in range(N):  # this block's dB_t, dC_t into the part's sums, along t
-                    bsum, csum = dBp[n, t0 : t0 + m], dCp[n, t0 : t0 + m]
-                    bcol, ccol = DBT[n::N], DCT[n::N]
-                    for t in range(m):
-                        bsum[t] += bcol[t]
-                        csum[t] += ccol[t]
+                _tile_out(DU, du_flat, base, L, m, w)
+                _tile_out(DDT, ddelta_flat, base, L, m, w)
+                for t in range(m):
+                    ddt_t = DDT[t * w : (t + 1) * w]
+                    for r in range(w):
+                        db_acc[r] += ddt_t[r]
+                # this block's dB_t, dC_t into the part's sums, along t
+                for DXT, dXp in ((DBT, dBp), (DCT, dCp)):
+                    _tile_out(DXT, DBC, 0, CHUNK, m, N)
+                    for n in range(N):
+                        dst, src = dXp[n, t0 : t0 + m], DBC[n * CHUNK : n * CHUNK + m]
+                        for t in range(m):
+                            dst[t] += src[t]
             for r in range(w):
                 dD[bi, d0 + r] = dD_acc[r]
                 dbias[bi, d0 + r] = db_acc[r]
                 for n in range(N):
                     dA[bi, d0 + r, n] = dAacc[n * w + r]
                     dh0[bi, d0 + r, n] = carry[n * w + r]
-        total += task_total
-    return total
 
 
 def _exp2_coefficients(dtype: torch.dtype) -> list[float]:
@@ -549,8 +621,8 @@ def scratch_bytes(n_state: int, dtype: torch.dtype) -> tuple[int, int]:
     kernel (numpy allocations, not seen by torch's allocator)."""
     size = 8 if dtype == torch.float64 else 4
     nl, tile, bc = n_state * BLOCK, CHUNK * BLOCK, CHUNK * n_state
-    forward = 2 * nl + 3 * tile + 2 * bc
-    backward = (2 * CHUNK + 5) * nl + 8 * tile + 4 * BLOCK + 4 * bc
+    forward = 3 * nl + 6 * tile + 2 * bc
+    backward = (2 * CHUNK + 5) * nl + 9 * tile + 4 * BLOCK + 5 * bc
     return forward * size, backward * size
 
 
