@@ -222,6 +222,17 @@ def _transpose_block(typingctx, src, s_off, s_stride, dst, d_off, d_stride):
     return types.void(src, s_off, s_stride, dst, d_off, d_stride), codegen
 
 
+@numba.njit(cache=True)
+def _transpose_rest(src, s_base, s_t, s_r, dst, d_base, d_t, d_r, m, w, rk, tk):
+    """``dst[d_base + t d_t + r d_r] = src[s_base + t s_t + r s_r]`` for ``t < m``, ``r < w``
+    outside the blocks ``r < rk, t < tk`` that :func:`_transpose_block` moved: element by element,
+    in a function of its own (the edges are rare; inlined at every transposition, this loop
+    doubled the kernels' compile time)."""
+    for r in range(w):
+        for t in range(tk if r < rk else 0, m):
+            dst[d_base + t * d_t + r * d_r] = src[s_base + t * s_t + r * s_r]
+
+
 @numba.njit(inline="always")
 def _tile_in(src, base, stride, m, w, T):
     """``T[t w + r] = src[base + r stride + t]`` for ``t < m``, ``r < w`` (``src, T`` flat): ``w``
@@ -232,10 +243,8 @@ def _tile_in(src, base, stride, m, w, T):
     for r0 in range(0, rk, size):
         for s0 in range(0, tk, size):
             _transpose_block(src, base + r0 * stride + s0, stride, T, s0 * w + r0, w)
-    for r in range(w):
-        row, col = src[base + r * stride : base + r * stride + m], T[r::w]
-        for t in range(tk if r < rk else 0, m):
-            col[t] = row[t]
+    if rk < w or tk < m:
+        _transpose_rest(src, base, 1, stride, T, 0, w, 1, m, w, rk, tk)
 
 
 @numba.njit(inline="always")
@@ -246,10 +255,8 @@ def _tile_out(T, dst, base, stride, m, w):
     for r0 in range(0, rk, size):
         for s0 in range(0, tk, size):
             _transpose_block(T, s0 * w + r0, w, dst, base + r0 * stride + s0, stride)
-    for r in range(w):
-        row, col = dst[base + r * stride : base + r * stride + m], T[r::w]
-        for t in range(tk if r < rk else 0, m):
-            row[t] = col[t]
+    if rk < w or tk < m:
+        _transpose_rest(T, 0, w, 1, dst, base, 1, stride, m, w, rk, tk)
 
 
 @numba.njit(inline="always")
