@@ -15,7 +15,7 @@ scalar code, as numba leaves LLVM's SLP vectoriser off). ``y_t = sum_n C_t h_t``
 ``delta``, ``z``, ``y`` and the gradients) and the ``N`` rows of ``B, C, dB, dC`` run along ``t``,
 while the kernels want a step's channels side by side: each chunk is transposed into and out of
 ``(CHUNK, w)`` tiles (:func:`_tile_in`, :func:`_tile_out`) by square blocks of 64 bytes a side
-(:func:`_transpose_block`, vector loads, shuffles and vector stores written in LLVM's IR), and
+(:func:`_transposer`, vector loads, shuffles and vector stores written in LLVM's IR), and
 every elementwise step (``delta_bias``, softplus, ``Delta u``, ``D u``, the gate, the sums over
 ``t`` of ``dD`` and ``d delta_bias``, lane by lane in the order of ``t``) then runs on whole tile
 rows. Transposing element by element in scalar code took about 40% of the backward's time (timed by
@@ -178,85 +178,105 @@ def _exp2_overload(e, k):
     return exp2_float64
 
 
-@intrinsic
-def _transpose_block(typingctx, src, s_off, s_stride, dst, d_off, d_stride):
-    """``dst[d_off + j d_stride + i] = src[s_off + i s_stride + j]`` for ``i, j < K``, ``K`` the
-    elements in 64 bytes (16 in float32, 8 in float64); ``src, dst`` flat arrays of one dtype.
-    Written by hand in LLVM's vector IR because numba has no way to express it: ``K`` vector loads,
-    ``log2 K`` rounds of two-source shuffles (each swaps the off-diagonal blocks of a pair of
-    rows), ``K`` vector stores; LLVM lowers the shuffles for the CPU it compiles for."""
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
-        return None
-    if src.dtype != dst.dtype or not isinstance(src.dtype, types.Float):
-        return None
-    size = 64 // (src.dtype.bitwidth // 8)
+def _transposer(nbytes: int):
+    """An intrinsic ``f(src, s_off, s_stride, dst, d_off, d_stride)``:
+    ``dst[d_off + j d_stride + i] = src[s_off + i s_stride + j]`` for ``i, j < K``, ``K`` the
+    elements in ``nbytes`` bytes; ``src, dst`` flat arrays of one float dtype. Written by hand in
+    LLVM's vector IR because numba has no way to express it: ``K`` vector loads, ``log2 K`` rounds
+    of two-source shuffles (each swaps the off-diagonal blocks of a pair of rows), ``K`` vector
+    stores; LLVM lowers the shuffles for the CPU it compiles for."""
 
-    def codegen(context, builder, signature, args):
-        src_v, s_off_v, s_stride_v, dst_v, d_off_v, d_stride_v = args
-        src_data = context.make_array(signature.args[0])(context, builder, src_v).data
-        dst_data = context.make_array(signature.args[3])(context, builder, dst_v).data
-        vector = ir.VectorType(context.get_value_type(signature.args[0].dtype), size)
+    @intrinsic
+    def transpose(typingctx, src, s_off, s_stride, dst, d_off, d_stride):
+        if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
+            return None
+        if src.dtype != dst.dtype or not isinstance(src.dtype, types.Float):
+            return None
+        size = nbytes // (src.dtype.bitwidth // 8)
 
-        def row(data, offset, stride, i):
-            at = builder.add(offset, builder.mul(stride, ir.Constant(stride.type, i)))
-            return builder.bitcast(builder.gep(data, [at]), vector.as_pointer())
+        def codegen(context, builder, signature, args):
+            src_v, s_off_v, s_stride_v, dst_v, d_off_v, d_stride_v = args
+            src_data = context.make_array(signature.args[0])(context, builder, src_v).data
+            dst_data = context.make_array(signature.args[3])(context, builder, dst_v).data
+            vector = ir.VectorType(context.get_value_type(signature.args[0].dtype), size)
 
-        rows = [builder.load(row(src_data, s_off_v, s_stride_v, i), align=1) for i in range(size)]
-        half = size // 2
-        while half:
-            masks = (
-                [j if j & half == 0 else size + j - half for j in range(size)],
-                [j + half if j & half == 0 else size + j for j in range(size)],
-            )
-            lo, hi = (ir.Constant(ir.VectorType(ir.IntType(32), size), mk) for mk in masks)
+            def row(data, offset, stride, i):
+                at = builder.add(offset, builder.mul(stride, ir.Constant(stride.type, i)))
+                return builder.bitcast(builder.gep(data, [at]), vector.as_pointer())
+
+            rows = [
+                builder.load(row(src_data, s_off_v, s_stride_v, i), align=1) for i in range(size)
+            ]
+            half = size // 2
+            while half:
+                masks = (
+                    [j if j & half == 0 else size + j - half for j in range(size)],
+                    [j + half if j & half == 0 else size + j for j in range(size)],
+                )
+                lo, hi = (ir.Constant(ir.VectorType(ir.IntType(32), size), mk) for mk in masks)
+                for i in range(size):
+                    if i & half == 0:
+                        a, b = rows[i], rows[i + half]
+                        rows[i] = builder.shuffle_vector(a, b, lo)
+                        rows[i + half] = builder.shuffle_vector(a, b, hi)
+                half //= 2
             for i in range(size):
-                if i & half == 0:
-                    a, b = rows[i], rows[i + half]
-                    rows[i] = builder.shuffle_vector(a, b, lo)
-                    rows[i + half] = builder.shuffle_vector(a, b, hi)
-            half //= 2
-        for i in range(size):
-            builder.store(rows[i], row(dst_data, d_off_v, d_stride_v, i), align=1)
-        return context.get_dummy_value()
+                builder.store(rows[i], row(dst_data, d_off_v, d_stride_v, i), align=1)
+            return context.get_dummy_value()
 
-    return types.void(src, s_off, s_stride, dst, d_off, d_stride), codegen
+        return types.void(src, s_off, s_stride, dst, d_off, d_stride), codegen
+
+    return transpose
+
+
+_transpose_block = _transposer(64)  # 16 x 16 in float32, 8 x 8 in float64
+_transpose_half = _transposer(32)  # 8 x 8 in float32, 4 x 4 in float64
 
 
 @numba.njit(cache=True)
-def _transpose_rest(src, s_base, s_t, s_r, dst, d_base, d_t, d_r, m, w, rk, tk):
-    """``dst[d_base + t d_t + r d_r] = src[s_base + t s_t + r s_r]`` for ``t < m``, ``r < w``
-    outside the blocks ``r < rk, t < tk`` that :func:`_transpose_block` moved: element by element,
-    in a function of its own (the edges are rare; inlined at every transposition, this loop
-    doubled the kernels' compile time)."""
-    for r in range(w):
-        for t in range(tk if r < rk else 0, m):
-            dst[d_base + t * d_t + r * d_r] = src[s_base + t * s_t + r * s_r]
+def _transpose_rest(src, s_base, s_major, dst, d_base, d_major, rows, cols, ri, cj):
+    """:func:`_transpose`'s elements outside the blocks ``i < ri, j < cj``, one by one, in a
+    function of its own (the edges are rare; inlined at every transposition, this loop doubled
+    the kernels' compile time)."""
+    for i in range(rows):
+        for j in range(cj if i < ri else 0, cols):
+            dst[d_base + j * d_major + i] = src[s_base + i * s_major + j]
+
+
+@numba.njit(inline="always")
+def _transpose(src, s_base, s_major, dst, d_base, d_major, rows, cols):
+    """``dst[d_base + j d_major + i] = src[s_base + i s_major + j]`` for ``i < rows``,
+    ``j < cols`` (``src, dst`` flat): by 64-byte blocks, then 32-byte blocks along the edges (a
+    block of 24 channels, say), then element by element."""
+    size = 64 // src.itemsize
+    half = size // 2
+    ri, cj = rows - rows % size, cols - cols % size
+    for i0 in range(0, ri, size):
+        for j0 in range(0, cj, size):
+            _transpose_block(
+                src, s_base + i0 * s_major + j0, s_major, dst, d_base + j0 * d_major + i0, d_major
+            )
+    rh, ch = rows - rows % half, cols - cols % half
+    for i0 in range(0, rh, half):
+        for j0 in range(0 if i0 >= ri else cj, ch, half):
+            _transpose_half(
+                src, s_base + i0 * s_major + j0, s_major, dst, d_base + j0 * d_major + i0, d_major
+            )
+    if rh < rows or ch < cols:
+        _transpose_rest(src, s_base, s_major, dst, d_base, d_major, rows, cols, rh, ch)
 
 
 @numba.njit(inline="always")
 def _tile_in(src, base, stride, m, w, T):
     """``T[t w + r] = src[base + r stride + t]`` for ``t < m``, ``r < w`` (``src, T`` flat): ``w``
-    rows of ``m`` steps, ``stride`` apart, transposed into the ``(m, w)`` tile, by blocks of
-    :func:`_transpose_block` and the remainder element by element."""
-    size = 64 // src.itemsize
-    rk, tk = w - w % size, m - m % size
-    for r0 in range(0, rk, size):
-        for s0 in range(0, tk, size):
-            _transpose_block(src, base + r0 * stride + s0, stride, T, s0 * w + r0, w)
-    if rk < w or tk < m:
-        _transpose_rest(src, base, 1, stride, T, 0, w, 1, m, w, rk, tk)
+    rows of ``m`` steps, ``stride`` apart, transposed into the ``(m, w)`` tile."""
+    _transpose(src, base, stride, T, 0, w, w, m)
 
 
 @numba.njit(inline="always")
 def _tile_out(T, dst, base, stride, m, w):
     """The inverse of :func:`_tile_in`: ``dst[base + r stride + t] = T[t w + r]``."""
-    size = 64 // T.itemsize
-    rk, tk = w - w % size, m - m % size
-    for r0 in range(0, rk, size):
-        for s0 in range(0, tk, size):
-            _transpose_block(T, s0 * w + r0, w, dst, base + r0 * stride + s0, stride)
-    if rk < w or tk < m:
-        _transpose_rest(T, 0, w, 1, dst, base, 1, stride, m, w, rk, tk)
+    _transpose(T, 0, w, dst, base, stride, m, w)
 
 
 @numba.njit(inline="always")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -264,11 +265,33 @@ NUMBA_CASES = [  # batch, D, N, L, groups, extras
 
 
 @needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_block_transpose_matches_numpy(dtype):
+    """The kernels' transposition (64- and 32-byte blocks of vector shuffles, then single
+    elements) against numpy's, for sizes that use every path, inside a larger strided buffer."""
+    import numba
+
+    @numba.njit
+    def transpose(src, s_base, s_major, dst, d_base, d_major, rows, cols):
+        scan_numba._transpose(src, s_base, s_major, dst, d_base, d_major, rows, cols)
+
+    rng = np.random.default_rng(0)
+    for rows, cols in [(16, 16), (24, 16), (16, 24), (37, 21), (3, 5), (64, 33), (8, 8)]:
+        s_major, d_major = cols + 7, rows + 3
+        src = rng.standard_normal(5 + rows * s_major).astype(dtype)
+        dst = np.full(2 + cols * d_major, np.nan, dtype)
+        transpose(src, 5, s_major, dst, 2, d_major, rows, cols)
+        block = src[5:].reshape(rows, s_major)[:, :cols]
+        got = dst[2:].reshape(cols, d_major)
+        np.testing.assert_array_equal(got[:, :rows], block.T)
+        assert np.isnan(got[:, rows:]).all() and np.isnan(dst[:2]).all()  # nothing else written
+
+
+@needs_numba
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-7), (torch.float64, 1e-15)])
 def test_numba_exp2_is_accurate_and_clamped(dtype, tol):
     """The kernels' vectorisable ``2^e`` against numpy's, across and beyond the clamped range."""
     import numba
-    import numpy as np
 
     @numba.njit
     def exp2_all(e, c, out):
