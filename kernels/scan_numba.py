@@ -306,12 +306,11 @@ def _discretise(DT, U, X, SP, bias, softplus, d0, m, w):
 
 
 @numba.njit(inline="always")
-def _load_chunk(delta, u, B, C, bias, softplus, bi, g, d0, w, t0, m, DT, U, X, SP, BT, CT):
+def _load_chunk(delta, u, B, C, bias, softplus, bi, g, d0, w, t0, m, base, DT, U, X, SP, BT, CT):
     """The chunk's ``(m, w)`` tiles ``DT, U, X, SP`` (:func:`_discretise`) and ``(m, N)`` tiles
-    ``B_t, C_t``; ``delta, u`` flat ``(batch, D, L)``, ``B, C`` flat ``(batch, G, N, L)``."""
-    channels, L = delta.shape[1], delta.shape[2]
-    N = B.shape[2]
-    base = (bi * channels + d0) * L + t0
+    ``B_t, C_t``; ``delta, u`` ``(batch, D, L)``, ``B, C`` ``(batch, G, N, L)``, ``base`` the flat
+    index of ``delta[bi, d0, t0]``."""
+    L, N = delta.shape[2], B.shape[2]
     _tile_in(delta.reshape(delta.size), base, L, m, w, DT)
     _tile_in(u.reshape(u.size), base, L, m, w, U)
     _discretise(DT, U, X, SP, bias, softplus, d0, m, w)
@@ -400,14 +399,16 @@ def _forward_kernel(
                 for r in range(w):
                     for n in range(N):
                         starts[bi, d0 + r, ch, n] = H[n * w + r]
-            _load_chunk(delta, u, B, C, bias, softplus, bi, g, d0, w, t0, m, DT, U, X, SP, BT, CT)
+            base = (bi * channels + d0) * L + t0
+            _load_chunk(
+                delta, u, B, C, bias, softplus, bi, g, d0, w, t0, m, base, DT, U, X, SP, BT, CT
+            )
             for t in range(m):
                 _step(
                     Hs[(t0 + t) % 2], Hs[(t0 + t + 1) % 2], AT, DT[t * w : (t + 1) * w], AT,
                     X[t * w : (t + 1) * w], Y[t * w : (t + 1) * w],
                     BT[t * N : (t + 1) * N], CT[t * N : (t + 1) * N], N, w, k, True, False,
                 )  # fmt: skip
-            base = (bi * channels + d0) * L + t0
             if z.shape[0] > 0:
                 _tile_in(z_flat, base, L, m, w, Z)
             for t in range(m):
@@ -503,7 +504,7 @@ def _backward_kernel(
                 m = min(CHUNK, L - t0)
                 base = (bi * channels + d0) * L + t0
                 _load_chunk(
-                    delta, u, B, C, bias, softplus, bi, g, d0, w, t0, m, DT, U, X, SP, BT, CT
+                    delta, u, B, C, bias, softplus, bi, g, d0, w, t0, m, base, DT, U, X, SP, BT, CT
                 )
                 for r in range(w):
                     for n in range(N):
